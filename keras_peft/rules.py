@@ -1,0 +1,292 @@
+"""Rules: what happens to each variable, decided by regex on its path.
+
+This module knows nothing about Keras. It turns an ordered mapping
+``{pattern: Rule}`` and a list of variable paths into a `Plan`: one
+`Decision` per path, saying which pattern matched (first match wins) and
+which `Rule` applies. The same resolution serves Keras 3 and tf.keras models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import numbers
+import re
+import warnings
+from collections.abc import Iterable, Mapping
+
+__all__ = [
+    "Rule",
+    "Decision",
+    "Plan",
+    "PolicyError",
+    "UnmatchedRuleError",
+    "DuplicatePathError",
+    "resolve",
+    "normalize_rules",
+]
+
+
+class PolicyError(ValueError):
+    """Base class of keras-peft's errors about rules and policies."""
+
+
+class UnmatchedRuleError(PolicyError):
+    """A rule's pattern matched no variable path of the model."""
+
+    def __init__(self, pattern: str, paths: list[str]):
+        self.pattern = pattern
+        close = difflib.get_close_matches(pattern, paths, n=5, cutoff=0.0)
+        shown = "\n".join(f"  {p}" for p in close)
+        super().__init__(
+            f"Rule pattern {pattern!r} matched no variable path of the model "
+            f"({len(paths)} variables). Patterns are matched with re.fullmatch "
+            "against whole paths, so add '.*' where a path continues "
+            f"(e.g. {'.*' + pattern.strip('.*^$') + '.*'!r}). "
+            f"Paths that look close:\n{shown}\n"
+            "See them all with keras_peft.variable_paths(model)."
+        )
+
+
+class DuplicatePathError(PolicyError):
+    """Two variables of the model share a path, so a rule cannot tell them apart."""
+
+    def __init__(self, path: str, count: int):
+        self.path = path
+        super().__init__(
+            f"{count} variables of the model share the path {path!r}, so rules "
+            "cannot address them separately. Give the layers unique names "
+            "(e.g. `name=` when building them) or build the model inside a "
+            "uniquely named scope, then wrap it again."
+        )
+
+
+def _check_scale(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"Rule({name}=...) must be a positive real number. "
+            f"Received: {name}={value!r} (type {type(value).__name__})."
+        )
+    value = float(value)
+    if math.isnan(value) or math.isinf(value):
+        raise ValueError(f"Rule({name}=...) must be finite. Received: {name}={value!r}.")
+    if value < 0:
+        raise ValueError(
+            f"Rule({name}=...) must be positive. Received: {name}={value!r}."
+        )
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What happens to the variables a pattern matches.
+
+    Args:
+        trainable: `False` freezes the variable: no gradient is computed for
+            it, the optimizer keeps no slots for it, and its value does not
+            change during `fit`.
+        lr_scale: multiplies the **update** the optimizer makes to the
+            variable. Under any optimizer, `lr_scale=0.5` gives the update
+            that optimizer would make with half the learning rate (and half
+            of any schedule). This is what "a smaller learning rate for this
+            layer" means, and it works under Adam and AdamW.
+        grad_scale: multiplies the **gradient** before the optimizer sees it.
+            Visible under plain SGD and gradient clipping, but Adam, AdamW,
+            RMSprop, Adagrad and Lion normalise the gradient's scale away, so
+            there it does almost nothing. Use `lr_scale` to slow a layer down.
+
+    Example:
+
+    >>> import keras_peft
+    >>> keras_peft.Rule(lr_scale=0.5)
+    Rule(trainable=True, lr_scale=0.5, grad_scale=1.0)
+    >>> keras_peft.Rule(trainable=False).get_config()
+    {'trainable': False, 'lr_scale': 1.0, 'grad_scale': 1.0}
+    """
+
+    trainable: bool = True
+    lr_scale: float = 1.0
+    grad_scale: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.trainable, bool):
+            raise ValueError(
+                f"Rule(trainable=...) must be True or False. Received: "
+                f"trainable={self.trainable!r} (type {type(self.trainable).__name__})."
+            )
+        lr_scale = _check_scale("lr_scale", self.lr_scale)
+        if lr_scale == 0:
+            raise ValueError(
+                "Rule(lr_scale=0) would compute gradients and keep optimizer "
+                "slots for a variable that never changes. Use "
+                "Rule(trainable=False) instead: it freezes the variable and "
+                "saves the gradient computation and the optimizer state."
+            )
+        grad_scale = _check_scale("grad_scale", self.grad_scale)
+        object.__setattr__(self, "lr_scale", lr_scale)
+        object.__setattr__(self, "grad_scale", grad_scale)
+
+    def get_config(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> Rule:
+        unknown = set(config) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(
+                f"Unknown Rule option(s) {sorted(unknown)}. Expected some of "
+                f"'trainable', 'lr_scale', 'grad_scale'. Received: {dict(config)!r}."
+            )
+        return cls(**config)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """The outcome of resolving rules for one variable path.
+
+    `pattern` is `None` when no rule matched: the variable keeps its current
+    state and trains (or not) at the optimizer's own rate.
+    """
+
+    path: str
+    pattern: str | None
+    rule: Rule | None
+
+    @property
+    def trainable(self) -> bool | None:
+        return None if self.rule is None else self.rule.trainable
+
+    @property
+    def lr_scale(self) -> float:
+        return 1.0 if self.rule is None else self.rule.lr_scale
+
+    @property
+    def grad_scale(self) -> float:
+        return 1.0 if self.rule is None else self.rule.grad_scale
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Decisions for every variable path, in the model's variable order."""
+
+    decisions: tuple[Decision, ...]
+
+    def __iter__(self):
+        return iter(self.decisions)
+
+    def __len__(self):
+        return len(self.decisions)
+
+    def by_path(self) -> dict[str, Decision]:
+        return {d.path: d for d in self.decisions}
+
+    def matched(self, pattern: str) -> list[str]:
+        """Paths that `pattern` decided (the peft `targeted_module_names`)."""
+        return [d.path for d in self.decisions if d.pattern == pattern]
+
+
+def normalize_rules(rules) -> dict[str, Rule]:
+    """Validates `rules` and returns them as an ordered `{pattern: Rule}` dict.
+
+    Accepts a mapping or an iterable of `(pattern, Rule)` pairs. Rules may be
+    given as `Rule` objects or as their config dicts (as saved in files).
+    """
+    if rules is None:
+        raise ValueError(
+            "`rules` is required: an ordered mapping {regex: keras_peft.Rule(...)}. "
+            "Received: rules=None."
+        )
+    if isinstance(rules, Mapping):
+        items = list(rules.items())
+    elif isinstance(rules, Iterable) and not isinstance(rules, (str, bytes)):
+        items = list(rules)
+        for item in items:
+            if not (isinstance(item, tuple) and len(item) == 2):
+                raise ValueError(
+                    "`rules` must be a mapping {pattern: Rule} or a list of "
+                    f"(pattern, Rule) pairs. Received an item: {item!r}."
+                )
+    else:
+        raise ValueError(
+            "`rules` must be a mapping {pattern: Rule} or a list of (pattern, Rule) "
+            f"pairs. Received: rules={rules!r} (type {type(rules).__name__})."
+        )
+    if not items:
+        raise ValueError("`rules` is empty: give at least one {pattern: Rule}.")
+    out: dict[str, Rule] = {}
+    for pattern, rule in items:
+        if not isinstance(pattern, str):
+            raise ValueError(
+                f"A rule pattern must be a regex string. Received: {pattern!r} "
+                f"(type {type(pattern).__name__})."
+            )
+        if pattern == "":
+            raise ValueError(
+                "A rule pattern is empty; it would match no path. Use '.*' to "
+                "match every variable."
+            )
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(
+                f"Rule pattern {pattern!r} is not a valid regular expression: {e}."
+            ) from None
+        if isinstance(rule, Mapping):
+            rule = Rule.from_config(rule)
+        if not isinstance(rule, Rule):
+            raise ValueError(
+                f"The value for pattern {pattern!r} must be a keras_peft.Rule. "
+                f"Received: {rule!r} (type {type(rule).__name__})."
+            )
+        if pattern in out:
+            raise ValueError(f"Rule pattern {pattern!r} is given twice.")
+        out[pattern] = rule
+    return out
+
+
+def resolve(paths: list[str], rules, *, allow_unmatched: bool = False) -> Plan:
+    """Resolves `rules` against variable `paths`: first matching pattern wins.
+
+    Args:
+        paths: variable paths, in the model's order.
+        rules: ordered `{pattern: Rule}` (see `normalize_rules`).
+        allow_unmatched: if False (default), a pattern that decides no path
+            raises `UnmatchedRuleError`.
+
+    Raises:
+        DuplicatePathError: two variables share a path.
+        UnmatchedRuleError: a pattern matched no path.
+    """
+    rules = normalize_rules(rules)
+    seen: dict[str, int] = {}
+    for p in paths:
+        seen[p] = seen.get(p, 0) + 1
+    for p, n in seen.items():
+        if n > 1:
+            raise DuplicatePathError(p, n)
+    compiled = [(pattern, re.compile(pattern), rule) for pattern, rule in rules.items()]
+    decisions = []
+    ever_matched: set[str] = set()
+    for path in paths:
+        chosen = None
+        for pattern, regex, rule in compiled:
+            if regex.fullmatch(path):
+                ever_matched.add(pattern)
+                if chosen is None:
+                    chosen = Decision(path, pattern, rule)
+        decisions.append(chosen or Decision(path, None, None))
+    if not allow_unmatched:
+        for pattern in rules:
+            if pattern not in ever_matched:
+                raise UnmatchedRuleError(pattern, list(paths))
+    deciding = {d.pattern for d in decisions}
+    for pattern in rules:
+        if pattern in ever_matched and pattern not in deciding:
+            warnings.warn(
+                f"Rule pattern {pattern!r} matches variables, but an earlier rule "
+                "decides every one of them (the first match wins), so it has no "
+                "effect. Move it before the broader rule or remove it.",
+                stacklevel=3,
+            )
+    return Plan(tuple(decisions))
