@@ -1,0 +1,59 @@
+"""Shared fixtures and helpers: tiny models, fixed data, weight snapshots."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+DATA_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+def tiny_mlp(seed=0, name="mlp", widths=(8, 8)):
+    """Sequential MLP: Dense blocks `block_0`, `block_1`, ... then `head`."""
+    keras.utils.set_random_seed(seed)
+    layers = [keras.Input((4,))]
+    for i, w in enumerate(widths):
+        layers.append(keras.layers.Dense(w, activation="tanh", name=f"block_{i}"))
+    layers.append(keras.layers.Dense(1, name="head"))
+    return keras.Sequential(layers, name=name)
+
+
+def regression_data(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4)).astype("float32")
+    y = (x @ np.array([[1.0], [-2.0], [0.5], [3.0]], "float32") + 0.1).astype("float32")
+    return x, y
+
+
+def snapshot(model):
+    return {v.path: np.array(v.numpy()) for v in model.weights}
+
+
+def changed(before, model):
+    """Paths whose values differ from `before`."""
+    return {v.path for v in model.weights if not np.array_equal(before[v.path], v.numpy())}
+
+
+def compile_fit(model, optimizer=None, epochs=1, batch_size=16, jit_compile=False, **fit_kw):
+    model.compile(
+        optimizer=optimizer or keras.optimizers.Adam(1e-2, name="adam"), loss="mse", jit_compile=jit_compile
+    )
+    x, y = regression_data()
+    model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0, shuffle=False, **fit_kw)
+    return model
+
+
+@pytest.fixture
+def data():
+    return regression_data()
+
+
+@pytest.fixture
+def mixed_precision():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    yield
+    keras.mixed_precision.set_global_policy("float32")

@@ -1,0 +1,296 @@
+"""`wrap`: trainability, lr_scale, grad_scale, optimizer state, rule changes."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_peft
+from keras_peft import Rule
+from tests.conftest import changed, compile_fit, regression_data, snapshot, tiny_mlp
+
+FROZEN = {"mlp/block_0/kernel", "mlp/block_0/bias"}
+
+
+def test_frozen_weights_bit_identical_and_others_change():
+    model = keras_peft.wrap(tiny_mlp(), {r".*block_0/.*": Rule(trainable=False)})
+    before = snapshot(model)
+    compile_fit(model, epochs=2)
+    assert changed(before, model) == set(before) - FROZEN
+
+
+def test_wrap_returns_same_object_still_an_instance_of_its_class():
+    model = tiny_mlp()
+    wrapped = keras_peft.wrap(model, {".*": Rule()})
+    assert wrapped is model
+    assert isinstance(wrapped, keras.Sequential) and isinstance(wrapped, keras_peft.PeftModel)
+    assert keras_peft.is_wrapped(wrapped)
+
+
+def test_optimizer_has_slots_for_trainable_variables_only():
+    model = keras_peft.wrap(tiny_mlp(), {r".*block_0/.*": Rule(trainable=False)})
+    compile_fit(model)
+    slots = [v.path for v in model.optimizer.variables]
+    assert set(slots) - {"adam/iteration", "adam/learning_rate"} == {
+        f"adam/mlp_{layer}_{w}_{slot}"
+        for layer in ("block_1", "head")
+        for w in ("kernel", "bias")
+        for slot in ("momentum", "velocity")
+    }
+
+
+def _scaled_pair(optimizer_fn, scale, rule_kw, epochs=3):
+    """A wrapped model trained with `rule_kw` on everything, and a plain reference."""
+    wrapped = keras_peft.wrap(tiny_mlp(), {".*": Rule(**rule_kw)})
+    compile_fit(wrapped, optimizer_fn(1.0), epochs=epochs)
+    reference = tiny_mlp()
+    compile_fit(reference, optimizer_fn(scale), epochs=epochs)
+    return wrapped, reference
+
+
+@pytest.mark.parametrize(
+    "optimizer_fn",
+    [
+        lambda s: keras.optimizers.Adam(1e-2 * s),
+        lambda s: keras.optimizers.AdamW(1e-2 * s, weight_decay=0.1),
+        lambda s: keras.optimizers.SGD(
+            keras.optimizers.schedules.ExponentialDecay(1e-2 * s, 2, 0.5), momentum=0.9
+        ),
+    ],
+    ids=["adam", "adamw", "sgd-momentum-schedule"],
+)
+def test_lr_scale_equals_optimizer_with_scaled_learning_rate(optimizer_fn):
+    wrapped, reference = _scaled_pair(optimizer_fn, 0.5, {"lr_scale": 0.5})
+    start = snapshot(tiny_mlp())
+    for w, r in zip(wrapped.weights, reference.weights):
+        np.testing.assert_allclose(w.numpy(), r.numpy(), rtol=1e-5, atol=1e-6)
+        assert not np.allclose(w.numpy(), start[w.path])  # it did train
+
+
+def test_per_variable_lr_scales_under_adam_one_step():
+    """Two groups with different scales: each equals Adam at its own learning rate."""
+    x, y = regression_data(16)
+    rules = {r".*block_.*": Rule(lr_scale=0.25), r".*head/.*": Rule()}
+    wrapped = keras_peft.wrap(tiny_mlp(), rules)
+    compile_fit(wrapped, keras.optimizers.Adam(1e-2), batch_size=64)
+    for scale, group in ((0.25, "block_"), (1.0, "head")):
+        reference = tiny_mlp()
+        compile_fit(reference, keras.optimizers.Adam(1e-2 * scale), batch_size=64)
+        for w, r in zip(wrapped.weights, reference.weights):
+            if group in w.path:
+                np.testing.assert_allclose(w.numpy(), r.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_grad_scale_under_sgd_scales_the_update():
+    wrapped, reference = _scaled_pair(lambda s: keras.optimizers.SGD(1e-2 * s), 2.0,
+                                      {"grad_scale": 2.0})
+    for w, r in zip(wrapped.weights, reference.weights):
+        np.testing.assert_allclose(w.numpy(), r.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_grad_scale_under_adam_is_nearly_a_no_op():
+    """The documented pitfall: Adam normalises a constant gradient scale away."""
+    wrapped = keras_peft.wrap(tiny_mlp(), {".*": Rule(grad_scale=0.1)})
+    compile_fit(wrapped, keras.optimizers.Adam(1e-2), epochs=2)
+    plain = compile_fit(tiny_mlp(), keras.optimizers.Adam(1e-2), epochs=2)
+    start = snapshot(tiny_mlp())
+    for w, p in zip(wrapped.weights, plain.weights):
+        step = np.abs(p.numpy() - start[p.path]).max()
+        assert np.abs(w.numpy() - p.numpy()).max() < 0.02 * step
+
+
+def test_gradient_scale_layer_zero_stops_updates_below_it():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(8, name="below")(inputs)
+    h = keras_peft.layers.GradientScale(0.0)(h)
+    model = keras.Model(inputs, keras.layers.Dense(1, name="head")(h))
+    before = snapshot(model)
+    compile_fit(model, keras.optimizers.SGD(0.1))
+    assert changed(before, model) == {"head/kernel", "head/bias"}
+
+
+def test_gradient_scale_layer_scales_the_gradient_and_round_trips():
+    layer = keras_peft.layers.GradientScale(0.25, name="gs")
+    x = tf.constant([[1.0, 2.0]])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+        loss = tf.reduce_sum(3.0 * y)
+    np.testing.assert_array_equal(y.numpy(), x.numpy())
+    np.testing.assert_allclose(tape.gradient(loss, x).numpy(), [[0.75, 0.75]])
+    clone = keras_peft.layers.GradientScale.from_config(layer.get_config())
+    assert clone.scale == 0.25 and clone.name == "gs"
+    with pytest.raises(ValueError, match="must be finite and >= 0.*Received: scale=-1"):
+        keras_peft.layers.GradientScale(-1)
+    with pytest.raises(ValueError, match="Received: scale='x'"):
+        keras_peft.layers.GradientScale("x")
+
+
+def test_unmatched_pattern_raises_and_leaves_model_unchanged():
+    model = tiny_mlp()
+    flags = [v.trainable for v in model.weights]
+    with pytest.raises(keras_peft.UnmatchedRuleError, match="'transformer.*' matched no"):
+        keras_peft.wrap(model, {r".*block_0/.*": Rule(trainable=False), "transformer.*": Rule()})
+    assert [v.trainable for v in model.weights] == flags
+    assert not keras_peft.is_wrapped(model)
+
+
+def test_duplicate_variable_paths_raise():
+    class Twin(keras.Model):
+        def __init__(self):
+            super().__init__(name="twin")
+            self.a = keras.layers.Dense(2, name="same")
+            self.b = keras.layers.Dense(2, name="same")
+
+        def call(self, x):
+            return self.b(self.a(x))
+
+    model = Twin()
+    model(np.ones((1, 2), "float32"))
+    with pytest.raises(keras_peft.DuplicatePathError, match="share the path 'twin/same/kernel'"):
+        keras_peft.wrap(model, {".*": Rule()})
+
+
+def test_unbuilt_model_and_wrong_type_raise():
+    with pytest.raises(ValueError, match="has no weights yet. Build it first"):
+        keras_peft.wrap(keras.Sequential([keras.layers.Dense(2)]), {".*": Rule()})
+    with pytest.raises(TypeError, match="expects a Keras 3 `keras.Model`. Received: builtins.str"):
+        keras_peft.wrap("model", {".*": Rule()})
+
+
+def test_rules_cannot_train_variables_hidden_by_a_frozen_model():
+    model = tiny_mlp()
+    model.trainable = False  # hides every variable, whatever its own flag says
+    with pytest.raises(ValueError, match=r"has `trainable=False`.*\['mlp'"):
+        keras_peft.wrap(model, {r".*head/.*": Rule()})
+    assert not any(v.trainable for v in model.weights)  # rolled back
+
+
+def test_rules_override_a_frozen_sublayer():
+    """Keras 3 hides a variable only by its own flag (or the model's): rules decide."""
+    model = tiny_mlp()
+    model.get_layer("block_0").trainable = False
+    keras_peft.wrap(model, {r".*block_0/kernel": Rule()})
+    assert [v.path for v in model.trainable_weights] == [
+        "mlp/block_0/kernel", "mlp/block_1/kernel", "mlp/block_1/bias", "mlp/head/kernel",
+        "mlp/head/bias",
+    ]
+
+
+def test_non_trainable_state_is_never_made_trainable():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.BatchNormalization(name="bn"), keras.layers.Dense(1, name="dense")], name="bnnet"
+    )
+    keras_peft.wrap(model, {".*": Rule()})
+    assert {v.path for v in model.trainable_weights} == {
+        "bnnet/bn/gamma", "bnnet/bn/beta", "bnnet/dense/kernel", "bnnet/dense/bias",
+    }
+
+
+def test_set_rules_after_training_unfreezes_and_keeps_optimizer_state():
+    model = keras_peft.wrap(tiny_mlp(), {r".*block_0/.*": Rule(trainable=False)})
+    compile_fit(model)
+    state = {v.path: v.numpy().copy() for v in model.optimizer.variables}
+    model.set_rules({r".*block_0/.*": Rule()})
+    model.make_train_function()  # what fit does first: rebuilds the optimizer
+    rebuilt = {v.path: v.numpy() for v in model.optimizer.variables}
+    assert set(rebuilt) - set(state) == {
+        f"adam/mlp_block_0_{w}_{slot}" for w in ("kernel", "bias")
+        for slot in ("momentum", "velocity")
+    }
+    for path, value in state.items():
+        np.testing.assert_array_equal(rebuilt[path], value, err_msg=path)
+    before = snapshot(model)
+    compile_fit_again(model)
+    assert changed(before, model) == set(before)
+    assert int(model.optimizer.iterations.numpy()) == 8
+
+
+def compile_fit_again(model, epochs=1):
+    x, y = regression_data()
+    model.fit(x, y, epochs=epochs, batch_size=16, verbose=0, shuffle=False)
+
+
+def test_unfreezing_from_a_callback_takes_effect_at_the_next_step():
+    model = keras_peft.wrap(tiny_mlp(), {r".*block_0/.*": Rule(trainable=False), ".*": Rule()})
+    seen = {}
+
+    class Unfreeze(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                seen["after_epoch_0"] = snapshot(self.model)
+                self.model.set_rules({".*": Rule()})
+
+    compile_fit(model, epochs=2, callbacks=[Unfreeze()])
+    assert seen["after_epoch_0"]["mlp/block_0/kernel"].tolist() == snapshot(tiny_mlp())[
+        "mlp/block_0/kernel"].tolist()
+    assert changed(seen["after_epoch_0"], model) >= FROZEN
+
+
+def test_freezing_a_variable_directly_after_compile_takes_effect():
+    model = keras_peft.wrap(tiny_mlp(), {".*": Rule()})
+    compile_fit(model)
+    model.get_layer("head").kernel.trainable = False
+    before = snapshot(model)
+    compile_fit_again(model)
+    assert "mlp/head/kernel" not in changed(before, model)
+    assert "mlp/head/bias" in changed(before, model)
+
+
+def test_save_and_load_keep_policy_and_weights(tmp_path):
+    model = keras_peft.wrap(
+        tiny_mlp(), {r".*block_0/.*": Rule(trainable=False), r".*head/.*": Rule(lr_scale=0.5)}
+    )
+    compile_fit(model)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert keras_peft.is_wrapped(loaded) and isinstance(loaded, keras.Sequential)
+    assert keras_peft.get_rules(loaded) == keras_peft.get_rules(model)
+    for original, restored in zip(model.weights, loaded.weights):
+        np.testing.assert_array_equal(original.numpy(), restored.numpy())
+    assert [v.trainable for v in loaded.weights] == [v.trainable for v in model.weights]
+    before = snapshot(loaded)
+    compile_fit_again(loaded)  # compiled state came back with the file
+    # A Sequential rebuilt from config names its variables without the model
+    # prefix ("block_0/kernel"), which is why the rules above start with ".*".
+    assert changed(before, loaded) == set(before) - {"block_0/kernel", "block_0/bias"}
+
+
+def test_unwrap_restores_class_and_trainability():
+    model = tiny_mlp()
+    keras_peft.wrap(model, {r".*block_0/.*": Rule(trainable=False)})
+    keras_peft.unwrap(model)
+    assert type(model) is keras.Sequential
+    assert all(v.trainable for v in model.weights)
+    with pytest.raises(ValueError, match="is not wrapped"):
+        keras_peft.unwrap(model)
+
+
+def test_wrapping_twice_replaces_the_rules():
+    model = keras_peft.wrap(tiny_mlp(), {r".*block_0/.*": Rule(trainable=False)})
+    keras_peft.wrap(model, {r".*head/.*": Rule(trainable=False), ".*": Rule()})
+    assert {v.path for v in model.weights if not v.trainable} == {"mlp/head/kernel", "mlp/head/bias"}
+    assert type(model).__mro__.count(keras_peft.PeftModel) == 1
+
+
+def test_jit_compile_and_mixed_precision(mixed_precision):
+    model = keras_peft.wrap(
+        tiny_mlp(), {r".*block_0/.*": Rule(trainable=False), r".*": Rule(lr_scale=0.5)}
+    )
+    assert model.get_layer("head").compute_dtype == "float16"
+    before = snapshot(model)
+    compile_fit(model, keras.optimizers.Adam(1e-2), jit_compile=True, epochs=2)
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert changed(before, model) == set(before) - FROZEN
+    assert all(np.isfinite(v.numpy()).all() for v in model.weights)
+
+
+def test_jit_compile_lr_scale_matches_eager_graph():
+    wrapped = keras_peft.wrap(tiny_mlp(), {".*": Rule(lr_scale=0.5)})
+    compile_fit(wrapped, keras.optimizers.Adam(1e-2), jit_compile=True)
+    reference = compile_fit(tiny_mlp(), keras.optimizers.Adam(5e-3), jit_compile=True)
+    for w, r in zip(wrapped.weights, reference.weights):
+        np.testing.assert_allclose(w.numpy(), r.numpy(), rtol=1e-5, atol=1e-6)
