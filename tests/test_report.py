@@ -1,0 +1,43 @@
+"""`report`: per-layer table, totals, dry run."""
+
+import keras_peft
+from keras_peft import Rule
+from tests.conftest import tiny_mlp
+
+
+def test_report_rows_totals_and_text():
+    model = keras_peft.wrap(
+        tiny_mlp(), {r".*block_0/.*": Rule(trainable=False), r".*block_1/.*": Rule(lr_scale=0.5)}
+    )
+    rep = keras_peft.report(model)
+    rows = {r["layer"]: r for r in rep.to_list()}
+    assert rows["mlp/block_0"] == {
+        "layer": "mlp/block_0", "params": 40, "trainable_params": 0, "lr_scale": "-",
+        "grad_scale": "-", "rule": r".*block_0/.*",
+    }
+    assert rows["mlp/block_1"]["lr_scale"] == 0.5 and rows["mlp/block_1"]["trainable_params"] == 72
+    assert rows["mlp/head"]["rule"] == "-" and rows["mlp/head"]["lr_scale"] == 1.0
+    assert (rep.total_params, rep.trainable_params) == (121, 81)
+    text = str(rep)
+    assert text.splitlines()[0].split() == [
+        "layer", "params", "trainable", "lr_scale", "grad_scale", "rule"]
+    assert "mlp/block_1      72         72       0.5           1  .*block_1/.*" in text
+    assert text.splitlines()[-1] == (
+        "trainable params: 81 || all params: 121 || trainable%: 66.9421")
+
+
+def test_report_dry_run_changes_nothing():
+    model = tiny_mlp()
+    rep = keras_peft.report(model, rules={r".*head/.*": Rule(trainable=False)})
+    assert rep.trainable_params == 121 - 9
+    assert all(v.trainable for v in model.weights)
+    assert not keras_peft.is_wrapped(model)
+
+
+def test_report_mixed_scales_in_one_layer():
+    model = keras_peft.wrap(
+        tiny_mlp(), {r".*head/kernel": Rule(lr_scale=0.5), r".*head/bias": Rule(lr_scale=2.0)}
+    )
+    row = [r for r in keras_peft.report(model).rows if r.layer == "mlp/head"][0]
+    assert row.lr_scale == "0.5,2"
+    assert row.rule == r".*head/kernel | .*head/bias"
