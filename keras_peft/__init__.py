@@ -20,7 +20,18 @@ from keras_peft.model import (  # noqa: E402
     variable_paths,
     wrap,
 )
+from keras_peft.depth import BlockInferenceError, Blocks, model_blocks  # noqa: E402
 from keras_peft.report import Report, ReportRow, report  # noqa: E402
+from keras_peft.strategies import (  # noqa: E402
+    bitfit,
+    combine,
+    full,
+    head_only,
+    layerwise_lr_decay,
+    norm_tuning,
+    surgical,
+    top_layers,
+)
 from keras_peft.rules import (  # noqa: E402
     Decision,
     DuplicatePathError,
@@ -33,6 +44,17 @@ from keras_peft.rules import (  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockInferenceError",
+    "Blocks",
+    "bitfit",
+    "combine",
+    "full",
+    "head_only",
+    "layerwise_lr_decay",
+    "model_blocks",
+    "norm_tuning",
+    "surgical",
+    "top_layers",
     "Decision",
     "DuplicatePathError",
     "PeftModel",

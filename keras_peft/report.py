@@ -16,7 +16,8 @@ class ReportRow:
 
     `lr_scale`/`grad_scale` are a number when every trainable variable of the
     layer shares it, else a string listing the values. `rule` is the pattern
-    that decided the layer's variables (`-` when none did).
+    that decided the layer's variables (`-` when none did); `note` is what
+    the rule says about its decision (strategies fill it in).
     """
 
     layer: str
@@ -25,6 +26,7 @@ class ReportRow:
     lr_scale: float | str
     grad_scale: float | str
     rule: str
+    note: str = ""
 
 
 def _join(values, sep=","):
@@ -61,13 +63,15 @@ class Report:
         )
 
     def __str__(self) -> str:
-        header = ("layer", "params", "trainable", "lr_scale", "grad_scale", "rule")
+        header = ("layer", "params", "trainable", "lr_scale", "grad_scale", "rule", "note")
         fmt = lambda v: f"{v:g}" if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) else str(v))  # noqa: E731
         body = [
             (r.layer, fmt(r.params), fmt(r.trainable_params), fmt(r.lr_scale),
-             fmt(r.grad_scale), r.rule)
+             fmt(r.grad_scale), r.rule, r.note)
             for r in self.rows
         ]
+        if not any(r.note for r in self.rows):
+            header, body = header[:-1], [row[:-1] for row in body]
         widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h)
                   for i, h in enumerate(header)]
         right = {1, 2, 3, 4}
@@ -136,12 +140,14 @@ def report(model, rules=None) -> Report:
     total = trainable_total = 0
     for layer, variables in groups.items():
         n = t = 0
-        lr, gs, pats = [], [], []
+        lr, gs, pats, notes = [], [], [], []
         for v in variables:
             d = decisions.get(v.path)
             size = math.prod(v.shape)
             n += size
             pats.append(d.pattern if d is not None and d.pattern is not None else "-")
+            if d is not None and d.rule is not None and d.rule.note:
+                notes.append(d.rule.note)
             if is_trainable(v, d):
                 t += size
                 lr.append(d.lr_scale if d is not None else 1.0)
@@ -154,6 +160,7 @@ def report(model, rules=None) -> Report:
                 lr_scale=_join(lr) if lr else "-",
                 grad_scale=_join(gs) if gs else "-",
                 rule=_join(pats, sep=" | "),
+                note=_join(notes, sep="; ") if notes else "",
             )
         )
         total += n

@@ -95,6 +95,8 @@ class Rule:
             Visible under plain SGD and gradient clipping, but Adam, AdamW,
             RMSprop, Adagrad and Lion normalise the gradient's scale away, so
             there it does almost nothing. Use `lr_scale` to slow a layer down.
+        note: free text shown by `keras_peft.report` (strategies say why they
+            decided, e.g. `"head"` or `"rgn=0.012"`). Does not affect training.
 
     Example:
 
@@ -108,6 +110,7 @@ class Rule:
     trainable: bool = True
     lr_scale: float = 1.0
     grad_scale: float = 1.0
+    note: str = dataclasses.field(default="", compare=False)
 
     def __post_init__(self):
         if not isinstance(self.trainable, bool):
@@ -124,11 +127,23 @@ class Rule:
                 "saves the gradient computation and the optimizer state."
             )
         grad_scale = _check_scale("grad_scale", self.grad_scale)
+        if not isinstance(self.note, str):
+            raise ValueError(f"Rule(note=...) must be a string. Received: note={self.note!r}.")
         object.__setattr__(self, "lr_scale", lr_scale)
         object.__setattr__(self, "grad_scale", grad_scale)
 
+    def __repr__(self) -> str:
+        note = f", note={self.note!r}" if self.note else ""
+        return (
+            f"Rule(trainable={self.trainable}, lr_scale={self.lr_scale!r}, "
+            f"grad_scale={self.grad_scale!r}{note})"
+        )
+
     def get_config(self) -> dict:
-        return dataclasses.asdict(self)
+        config = dataclasses.asdict(self)
+        if not self.note:
+            del config["note"]
+        return config
 
     @classmethod
     def from_config(cls, config: Mapping) -> Rule:
@@ -136,7 +151,7 @@ class Rule:
         if unknown:
             raise ValueError(
                 f"Unknown Rule option(s) {sorted(unknown)}. Expected some of "
-                f"'trainable', 'lr_scale', 'grad_scale'. Received: {dict(config)!r}."
+                f"'trainable', 'lr_scale', 'grad_scale', 'note'. Received: {dict(config)!r}."
             )
         return cls(**config)
 
