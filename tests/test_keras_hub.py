@@ -3,36 +3,18 @@
 import keras
 import keras_hub
 import numpy as np
-import pytest
 
 import keras_peft
 from keras_peft import Rule
 from tests.conftest import changed, snapshot
+from tests.helpers import tiny_bert_classifier
 
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "movie", "was", "good", "bad",
-         "great", "awful", "fun"]
 TEXTS = ["the movie was good", "the movie was bad", "great fun", "awful movie"] * 4
 LABELS = np.array([1, 0, 1, 0] * 4)
 
 
-@pytest.fixture(scope="module")
-def classifier_factory():
-    def build():
-        keras.utils.set_random_seed(1)
-        tokenizer = keras_hub.models.BertTokenizer(vocabulary=VOCAB)
-        preprocessor = keras_hub.models.BertTextClassifierPreprocessor(tokenizer,
-                                                                       sequence_length=8)
-        backbone = keras_hub.models.BertBackbone(
-            vocabulary_size=len(VOCAB), num_layers=2, num_heads=2, hidden_dim=4,
-            intermediate_dim=8, max_sequence_length=8,
-        )
-        return keras_hub.models.BertTextClassifier(backbone, num_classes=2,
-                                                   preprocessor=preprocessor)
-    return build
-
-
-def test_bert_classifier_wraps_fits_raw_strings_and_round_trips(classifier_factory, tmp_path):
-    model = keras_peft.wrap(classifier_factory(), rules={
+def test_bert_classifier_wraps_fits_raw_strings_and_round_trips(tmp_path):
+    model = keras_peft.wrap(tiny_bert_classifier(), rules={
         r"transformer_layer_0/.*": Rule(trainable=False),
         r"transformer_layer_1/.*": Rule(lr_scale=0.5),
         r".*(embedding|embeddings_layer_norm)/.*": Rule(trainable=False),
