@@ -83,11 +83,10 @@ def head_only(model, *, block_names=None, rest=FROZEN) -> dict:
         keras.layers.Dense(8, name="block_0"),
         keras.layers.Dense(8, name="block_1"),
         keras.layers.Dense(1, name="head"),
-    ])
+    ], name="net")
     rules = keras_peft.head_only(model)
     keras_peft.wrap(model, rules)
-    assert [v.path for v in model.trainable_weights] == [
-        "sequential/head/kernel", "sequential/head/bias"]
+    assert [v.path for v in model.trainable_weights] == ["net/head/kernel", "net/head/bias"]
     ```
     """
     blocks = model_blocks(model, block_names)
@@ -241,10 +240,10 @@ def surgical(model, blocks=(0,), *, include_head: bool = False, block_names=None
 
     model = keras.Sequential([keras.Input((4,))] + [
         keras.layers.Dense(8, name=f"block_{i}") for i in range(3)
-    ] + [keras.layers.Dense(1, name="head")])
+    ] + [keras.layers.Dense(1, name="head")], name="net")
     keras_peft.wrap(model, keras_peft.surgical(model, blocks=[0]))
     assert [v.path for v in model.trainable_weights] == [
-        "sequential/block_0/kernel", "sequential/block_0/bias"]
+        "net/block_0/kernel", "net/block_0/bias"]
     ```
     """
     found = model_blocks(model, block_names)
