@@ -72,6 +72,7 @@ class PeftModel:
         trainable, keeping the state of the others.
         """
         _apply_policy(self, rules)
+        _sync_optimizer(self)
 
     # -------------------------------------------------------------- training
     def train_step(self, data):
@@ -111,13 +112,12 @@ class PeftModel:
         return (self._peft_version, tuple(id(v) for v in self.trainable_weights))
 
     def make_train_function(self, force=False):
+        if self.train_function is not None and not force:
+            # Ours checks the signature at every step; Keras' own (set by a
+            # compile() after wrap) is replaced.
+            if getattr(self.train_function, "_peft_guarded", False):
+                return self.train_function
         signature = self._peft_signature()
-        if (
-            self.train_function is not None
-            and not force
-            and signature == getattr(self, "_peft_traced_signature", None)
-        ):
-            return self.train_function
         _sync_optimizer(self)
         super().make_train_function(force=True)
         traced = self.train_function
@@ -132,6 +132,7 @@ class PeftModel:
                 return self.train_function(iterator)
             return traced(iterator)
 
+        train_function._peft_guarded = True
         self.train_function = train_function
         return train_function
 
