@@ -1,0 +1,42 @@
+# Every target that needs Python first runs scripts/setup_venv.sh, which creates
+# .venv if it is missing and (re)installs the project only when pyproject.toml
+# changed. Only python3 (3.10+) is needed on the machine; PYTHON=... picks another.
+PYTHON ?= python3
+VENV ?= .venv
+SETUP = PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup_venv.sh
+# Material for MkDocs prints a banner about MkDocs 2.0 on every build.
+export NO_MKDOCS_2_WARNING = 1
+
+.PHONY: help venv venv-docs demo test docs serve-docs lint clean
+
+help:
+	@echo "make demo        run recipes/quickstart.py (pretrain, wrap, fine-tune)"
+	@echo "make test        run the test suite"
+	@echo "make docs        build the documentation site into site/ (strict)"
+	@echo "make serve-docs  serve the documentation at http://127.0.0.1:8000"
+	@echo "make lint        ruff check"
+	@echo "make clean       remove site/ and caches (keeps .venv)"
+
+venv:
+	@$(SETUP) dev
+
+venv-docs:
+	@$(SETUP) docs
+
+demo: venv
+	$(VENV)/bin/python recipes/quickstart.py
+
+test: venv
+	$(VENV)/bin/python -m pytest -q tests
+
+docs: venv-docs
+	$(VENV)/bin/mkdocs build --strict
+
+serve-docs: venv-docs
+	$(VENV)/bin/mkdocs serve
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf site .pytest_cache .ruff_cache
