@@ -20,12 +20,13 @@ adds:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable, Mapping
 
 import keras
 import tensorflow as tf
 
 from keras_peft import _compat
-from keras_peft.rules import Plan, normalize_rules, resolve
+from keras_peft.rules import Plan, Rule, normalize_rules, resolve
 from keras_peft.update import apply_scaled_gradients
 
 __all__ = ["wrap", "unwrap", "is_wrapped", "variable_paths", "get_rules", "PeftModel"]
@@ -34,7 +35,7 @@ _REGISTERED_NAME = "keras_peft>PeftModel"
 _CLASS_CACHE: dict[type, type] = {}
 
 
-def variable_paths(model) -> list[str]:
+def variable_paths(model: keras.Model) -> list[str]:
     """The paths rules are matched against: `v.path` of every `model.weights` entry."""
     return [v.path for v in model.weights]
 
@@ -275,7 +276,7 @@ def _apply_policy(model, rules) -> None:
     model._peft_version = getattr(model, "_peft_version", 0) + 1
 
 
-def wrap(model, rules):
+def wrap(model: keras.Model, rules: Mapping[str, Rule] | Iterable) -> keras.Model:
     """Applies a per-variable training policy to a Keras model, in place.
 
     Each pattern of `rules` is matched with `re.fullmatch` against every
@@ -328,7 +329,7 @@ def wrap(model, rules):
     return model
 
 
-def unwrap(model):
+def unwrap(model: keras.Model) -> keras.Model:
     """Undoes `wrap`: restores the model's class and variables' trainable flags."""
     if not isinstance(model, PeftModel):
         raise ValueError(f"Model {model.name!r} is not wrapped by keras_peft.")
@@ -337,16 +338,17 @@ def unwrap(model):
         if id(v) in original:
             v.trainable = original[id(v)]
     model.__class__ = model._peft_base_class
-    for name in ("_peft_rules", "_peft_plan", "_peft_scales", "_peft_traced_signature"):
+    for name in ("_peft_rules", "_peft_plan", "_peft_scales", "_peft_traced_signature",
+                 "_peft_version", "_peft_original_trainable"):
         model.__dict__.pop(name, None)
     model.train_function = None
     return model
 
 
-def is_wrapped(model) -> bool:
+def is_wrapped(model: keras.Model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def get_rules(model) -> dict:
+def get_rules(model: keras.Model) -> dict[str, Rule]:
     """The rules a wrapped model carries (empty for an unwrapped one)."""
     return dict(getattr(model, "_peft_rules", {}))

@@ -127,6 +127,13 @@ class Rule:
                 "saves the gradient computation and the optimizer state."
             )
         grad_scale = _check_scale("grad_scale", self.grad_scale)
+        if grad_scale == 0:
+            raise ValueError(
+                "Rule(grad_scale=0) would still compute the gradient and keep "
+                "optimizer slots, and momentum would keep moving the variable. Use "
+                "Rule(trainable=False) to freeze it, or the layer "
+                "keras_peft.layers.GradientScale(0) to stop what flows below a point."
+            )
         if not isinstance(self.note, str):
             raise ValueError(f"Rule(note=...) must be a string. Received: note={self.note!r}.")
         object.__setattr__(self, "lr_scale", lr_scale)

@@ -37,7 +37,8 @@ def test_cnn_style_block_names_in_depth_order():
 
 
 def test_plain_sequential_falls_back_to_top_level_layers():
-    model = keras.Sequential([keras.Input((3,))] + [keras.layers.Dense(2) for _ in range(3)],
+    model = keras.Sequential([keras.Input((3,))] + [keras.layers.Dense(2, name=f"dense_{i}")
+                                               for i in range(3)],
                              name="plain")
     blocks = keras_peft.model_blocks(model)
     assert len(blocks.blocks) == 2 and blocks.head.paths == ("plain/dense_2/kernel",

@@ -48,8 +48,9 @@ def test_invalid_rule_values_raise(kwargs, message):
         Rule(**kwargs)
 
 
-def test_grad_scale_zero_is_allowed():
-    assert Rule(grad_scale=0).grad_scale == 0.0
+def test_grad_scale_zero_points_to_freezing():
+    with pytest.raises(ValueError, match=r"Rule\(grad_scale=0\) would still compute"):
+        Rule(grad_scale=0)
 
 
 def test_from_config_rejects_unknown_options():

@@ -125,7 +125,8 @@ def test_report_shows_strategy_notes():
 
 
 def test_gpt_style_sequential_without_head_detection():
-    model = keras.Sequential([keras.Input((3,))] + [keras.layers.Dense(2) for _ in range(3)],
+    model = keras.Sequential([keras.Input((3,))] + [keras.layers.Dense(2, name=f"dense_{i}")
+                                               for i in range(3)],
                              name="plain")
     assert trainable_after(model, keras_peft.head_only(model)) == [
         "plain/dense_2/kernel", "plain/dense_2/bias"]

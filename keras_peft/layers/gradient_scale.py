@@ -37,7 +37,7 @@ class GradientScale(keras.layers.Layer):
     ```
     """
 
-    def __init__(self, scale: float = 1.0, **kwargs):
+    def __init__(self, scale: float = 1.0, **kwargs) -> None:
         super().__init__(**kwargs)
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise ValueError(

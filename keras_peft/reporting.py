@@ -5,7 +5,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from keras_peft.rules import resolve
+from collections.abc import Mapping
+
+import keras
+
+from keras_peft.rules import Rule, resolve
 
 __all__ = ["report", "Report", "ReportRow"]
 
@@ -91,7 +95,7 @@ class Report:
         return str(self)
 
 
-def report(model, rules=None) -> Report:
+def report(model: keras.Model, rules: Mapping[str, Rule] | None = None) -> Report:
     """Tabulates, per layer, parameters, trainable parameters and scales.
 
     Args:
