@@ -21,7 +21,7 @@ from keras_peft.model import (  # noqa: E402
     wrap,
 )
 from keras_peft.depth import BlockInferenceError, Blocks, model_blocks  # noqa: E402
-from keras_peft.report import Report, ReportRow, report  # noqa: E402
+from keras_peft.reporting import Report, ReportRow, report  # noqa: E402
 from keras_peft.strategies import (  # noqa: E402
     bitfit,
     combine,
