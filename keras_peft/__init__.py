@@ -72,3 +72,9 @@ __all__ = [
     "variable_paths",
     "wrap",
 ]
+
+# Automatic selection (Auto-RGN) and gradual unfreezing
+from keras_peft.auto import AutoResult, auto  # noqa: E402
+from keras_peft.unfreezing import GradualUnfreezing, gradual_unfreezing  # noqa: E402
+
+__all__ += ["AutoResult", "GradualUnfreezing", "auto", "gradual_unfreezing"]
