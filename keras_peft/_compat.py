@@ -68,3 +68,89 @@ def unknown_variables(optimizer, variables) -> list | None:
 
 def is_keras3_model(model) -> bool:
     return isinstance(model, keras.Model)
+
+
+# ---------------------------------------------------------------------- LoRA
+# Keras' built-in LoRA (Dense, EinsumDense, Embedding, Conv1D/2D/3D) keeps the
+# frozen base weight in a private attribute (`_kernel` / `_embeddings`) and the
+# adapters in `lora_kernel_a/b` / `lora_embeddings_a/b`; the public
+# `kernel`/`embeddings` property returns `base + alpha / rank * A @ B`.
+
+
+def _lora_classes() -> tuple:
+    from keras.src.layers.convolutional.base_conv import BaseConv
+
+    return (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding, BaseConv)
+
+
+def supports_lora(layer) -> bool:
+    """Whether `layer` is one of the Keras layers with built-in LoRA.
+
+    Checked by type, not by `hasattr(layer, "enable_lora")`: a keras-hub
+    `Backbone` also has an `enable_lora` method, with another meaning.
+    """
+    return isinstance(layer, _lora_classes())
+
+
+def lora_base_variable(layer):
+    """The frozen weight LoRA adapts: `layer._kernel` or `layer._embeddings`."""
+    if isinstance(layer, keras.layers.Embedding):
+        return layer._embeddings
+    return layer._kernel
+
+
+def lora_adapter_names(layer) -> tuple[str, str]:
+    """Attribute (and variable) names of the two adapter matrices."""
+    if isinstance(layer, keras.layers.Embedding):
+        return ("lora_embeddings_a", "lora_embeddings_b")
+    return ("lora_kernel_a", "lora_kernel_b")
+
+
+def lora_adapters(layer):
+    """`(A, B)`, the layer's adapter variables, or None if it never had LoRA enabled."""
+    a_name, b_name = lora_adapter_names(layer)
+    a, b = getattr(layer, a_name, None), getattr(layer, b_name, None)
+    return None if a is None or b is None else (a, b)
+
+
+def lora_blocker(layer) -> str | None:
+    """Why `layer.enable_lora` would fail, checked without calling it; None if it would not.
+
+    Keras raises only after part of the work is done; checking first lets
+    `keras_peft.lora` refuse before it changes any layer.
+    """
+    if not layer.built:
+        return "it is not built"
+    constraint = getattr(layer, "embeddings_constraint", None) or getattr(
+        layer, "kernel_constraint", None
+    )
+    if constraint:
+        return (
+            f"it has a weight constraint ({type(constraint).__name__}), which LoRA "
+            "does not support"
+        )
+    mode = getattr(layer, "quantization_mode", None)
+    if mode not in (None, "int8"):
+        return f"it is quantized to {mode!r} (keras_peft supports LoRA on float and int8 layers)"
+    return None
+
+
+def set_lora_enabled(layer, enabled: bool) -> None:
+    """Switches the adapters in or out of the forward pass (used by merge/unmerge)."""
+    layer.lora_enabled = enabled
+
+
+def reset_compiled_functions(model) -> None:
+    """Forgets traced train/test/predict functions.
+
+    A traced `predict` keeps the branch of `if self.lora_enabled:` it saw, so
+    after `merge` it would add the adapters a second time.
+    """
+    model.train_function = None
+    model.test_function = None
+    model.predict_function = None
+
+
+def own_state_variables(layer) -> list:
+    """Variables `layer` itself created non-trainable (BatchNorm moving statistics)."""
+    return list(layer._non_trainable_variables)

@@ -1,0 +1,456 @@
+"""Delta checkpoints: save only what fine-tuning changed, load it onto a base model.
+
+`save_delta` writes the trained variables (LoRA adapters, a head, biases...)
+to a safetensors file, keyed by variable path, with the rules and the LoRA
+ranks in its metadata. `load_delta` re-creates the adapters on a freshly
+built base model, checks that the file fits the model, assigns the values
+and wraps the model with the saved rules. A LoRA run's delta is a few
+percent of the model (or much less), and any number of them can share one
+base checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+
+import keras
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from keras_peft import _compat
+from keras_peft.lora import _layer_path, lora_layer_paths
+from keras_peft.model import get_rules, wrap
+from keras_peft.rules import DuplicatePathError, PolicyError, normalize_rules, resolve
+
+__all__ = ["DeltaError", "DeltaFileError", "DeltaMismatchError", "load_delta", "save_delta"]
+
+FORMAT = "keras_peft.delta"
+FORMAT_VERSION = 1
+_METADATA_KEY = "keras_peft"
+_SHOWN = 5  # how many mismatches an error lists
+
+
+class DeltaError(ValueError):
+    """Base class of the errors of `load_delta` and `save_delta`."""
+
+
+class DeltaFileError(DeltaError):
+    """The file is missing, truncated, corrupted or not a keras_peft delta."""
+
+
+class DeltaMismatchError(DeltaError):
+    """The delta does not fit the model (other paths, shapes, dtypes or layers)."""
+
+
+# ------------------------------------------------------------------- helpers
+def _check_model(model, action: str) -> None:
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"keras_peft.{action} expects a Keras 3 `keras.Model`. Received: "
+            f"{type(model).__module__}.{type(model).__name__}."
+        )
+    if not model.built or not model.weights:
+        raise ValueError(
+            f"Cannot {action} with model {model.name!r}: it has no weights yet. "
+            "Build it first (call it on a batch, or `model.build(input_shape)`)."
+        )
+
+
+def _dtype(x) -> str:
+    return keras.backend.standardize_dtype(x.dtype)
+
+
+def _digest(tensors: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for path in sorted(tensors):
+        a = tensors[path]
+        h.update(f"{path}|{a.dtype.name}|{list(a.shape)}|".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _delta_variables(model) -> list:
+    """The trainable weights, plus the state of layers that can update it in `fit`.
+
+    State is what a layer creates non-trainable and updates itself, like
+    BatchNorm moving statistics; they change during `fit` whenever the layer
+    is `trainable`, even if the rules freeze its gamma and beta, so they are
+    saved for every trainable layer. Quantized layers' integer kernels and
+    scales are not state in this sense and are left out.
+    """
+    capable = _compat.trainable_capable(model)
+    wanted = {id(v) for v in model.trainable_weights}
+    for layer in _compat.flatten_layers(model):
+        if layer is model or not layer.trainable or getattr(layer, "quantization_mode", None):
+            continue
+        wanted.update(id(v) for v in _compat.own_state_variables(layer) if id(v) not in capable)
+    chosen, seen = [], {}
+    for v in model.weights:
+        if id(v) in wanted and id(v) not in seen:
+            seen[id(v)] = v
+            chosen.append(v)
+    return chosen
+
+
+def _lora_record(model) -> list[dict]:
+    """`[{"layer", "rank", "alpha"}]` for every layer with LoRA adapters."""
+    record = []
+    for path, layer in lora_layer_paths(model).items():
+        if _compat.lora_adapters(layer) is not None:
+            alpha = layer.lora_alpha
+            record.append({"layer": path, "rank": int(layer.lora_rank), "alpha": alpha})
+    return record
+
+
+def _write(tensors: dict, path: str, metadata: dict) -> None:
+    """Writes atomically: a temp file in the same folder, then `os.replace`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        safetensors.numpy.save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# ------------------------------------------------------------------- save
+def save_delta(model, path) -> None:
+    """Saves only what fine-tuning changed, keyed by variable path.
+
+    Writes a safetensors file with
+
+    - every variable of `model.trainable_weights` (LoRA adapters, a head...);
+    - the non-trainable state of trainable layers (BatchNorm moving
+      statistics, which `fit` updates even when the rules freeze gamma/beta);
+
+    and, as JSON metadata under the key `"keras_peft"`: the format version,
+    the rules the model is wrapped with, the LoRA adapters' layers, ranks and
+    alphas, each variable's shape and dtype, a SHA-256 of the contents, and
+    the Keras and keras_peft versions. Frozen weights are not saved: load the
+    delta onto the same base model with `load_delta`.
+
+    The write is atomic: a temporary file in the same folder is renamed over
+    `path` once complete, so a crash leaves any previous file intact.
+
+    Args:
+        model: a built Keras 3 model, usually wrapped (`keras_peft.wrap`).
+        path: the file to write (by convention `*.safetensors`).
+
+    Raises:
+        ValueError: the model is merged (`keras_peft.merge`): unmerge first.
+        DuplicatePathError: two saved variables share a path.
+
+    Example:
+
+    ```python
+    import os, tempfile
+    import keras
+    import keras_peft
+
+    def base():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([
+            keras.Input((4,)),
+            keras.layers.Dense(8, name="block_0"),
+            keras.layers.Dense(8, name="block_1"),
+            keras.layers.Dense(1, name="head"),
+        ], name="mlp")
+
+    model = base()
+    keras_peft.wrap(model, keras_peft.lora(model, rank=2, targets=r".*block_\\d"))
+    # ... model.fit(...) ...
+    path = os.path.join(tempfile.mkdtemp(), "run.safetensors")
+    keras_peft.save_delta(model, path)
+    restored = keras_peft.load_delta(base(), path)
+    assert keras_peft.get_rules(restored) == keras_peft.get_rules(model)
+    ```
+    """
+    _check_model(model, "save_delta")
+    if getattr(model, "_peft_merged", None):
+        raise ValueError(
+            f"Model {model.name!r} is merged (keras_peft.merge): its base weights "
+            "hold the adapters, which a delta does not save. Call "
+            "keras_peft.unmerge(model) first, save, then merge again if needed."
+        )
+    variables = _delta_variables(model)
+    counts: dict[str, int] = {}
+    for v in variables:
+        counts[v.path] = counts.get(v.path, 0) + 1
+    for p, n in counts.items():
+        if n > 1:
+            raise DuplicatePathError(p, n)
+    tensors = {v.path: np.ascontiguousarray(keras.ops.convert_to_numpy(v)) for v in variables}
+    from keras_peft import __version__
+
+    header = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "model": {
+            "name": model.name,
+            "class": getattr(model, "_peft_base_class", type(model)).__name__,
+        },
+        "rules": {p: r.get_config() for p, r in get_rules(model).items()} or None,
+        "lora": _lora_record(model),
+        "variables": {
+            v.path: {"shape": list(v.shape), "dtype": _dtype(v), "trainable": bool(v.trainable)}
+            for v in variables
+        },
+        "sha256": _digest(tensors),
+        "keras_version": keras.__version__,
+        "keras_peft_version": __version__,
+    }
+    _write(tensors, os.fspath(path), {_METADATA_KEY: json.dumps(header)})
+
+
+# ------------------------------------------------------------------- load
+def _read(path: str) -> tuple[dict, dict]:
+    """Reads and checks a delta file: `(header, {path: array})`; never changes a model."""
+    what = f"Cannot read delta file {path!r}"
+    try:
+        with safetensors.safe_open(path, framework="np") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except FileNotFoundError:
+        raise DeltaFileError(f"{what}: it does not exist.") from None
+    except (safetensors.SafetensorError, OSError, ValueError) as e:
+        raise DeltaFileError(
+            f"{what}: {e}. The file is truncated, corrupted or not a safetensors "
+            "file; save it again with keras_peft.save_delta."
+        ) from None
+    if _METADATA_KEY not in metadata:
+        raise DeltaFileError(
+            f"{what}: it is a safetensors file, but not a keras_peft delta (no "
+            f"{_METADATA_KEY!r} metadata; keys: {sorted(metadata)[:_SHOWN]}). Write "
+            "deltas with keras_peft.save_delta."
+        )
+    try:
+        header = json.loads(metadata[_METADATA_KEY])
+        if header.get("format") != FORMAT:
+            raise ValueError(f"format {header.get('format')!r}")
+        version = header["version"]
+        declared = header["variables"]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DeltaFileError(f"{what}: its keras_peft metadata is damaged ({e}).") from None
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise DeltaFileError(
+            f"{what}: it has format version {version!r}, and this keras_peft reads "
+            f"versions up to {FORMAT_VERSION}. Upgrade keras_peft (the file was "
+            f"written by keras_peft {header.get('keras_peft_version')})."
+        )
+    if set(declared) != set(tensors):
+        raise DeltaFileError(
+            f"{what}: its metadata lists other variables than it holds "
+            f"(e.g. {sorted(set(declared) ^ set(tensors))[:_SHOWN]}); it is damaged."
+        )
+    bad = [
+        p
+        for p, a in tensors.items()
+        if list(a.shape) != list(declared[p]["shape"]) or a.dtype.name != declared[p]["dtype"]
+    ]
+    if bad or _digest(tensors) != header.get("sha256"):
+        raise DeltaFileError(
+            f"{what}: its contents do not match the checksum it was saved with "
+            f"{'(e.g. ' + str(bad[:_SHOWN]) + ') ' if bad else ''}; the file is "
+            "corrupted. Save it again with keras_peft.save_delta."
+        )
+    return header, tensors
+
+
+def _plan_lora(model, record: list, path: str) -> tuple[list, dict]:
+    """Which layers need adapters, and the `{path: (shape, dtype)}` those will have."""
+    layers = lora_layer_paths(model)
+    to_enable, expected, problems = [], {}, []
+    for entry in record:
+        name, rank, alpha = entry["layer"], entry["rank"], entry["alpha"]
+        layer = layers.get(name)
+        if layer is None:
+            problems.append(f"layer {name!r} is not in the model (or has no built-in LoRA)")
+            continue
+        if _compat.lora_adapters(layer) is not None:
+            if not layer.lora_enabled or (layer.lora_rank, layer.lora_alpha) != (rank, alpha):
+                problems.append(
+                    f"layer {name!r} already has LoRA (rank {layer.lora_rank}, "
+                    f"alpha {layer.lora_alpha}, enabled={layer.lora_enabled}); the delta "
+                    f"has rank {rank}, alpha {alpha}"
+                )
+            continue  # same adapters already there: just assign them
+        reason = _compat.lora_blocker(layer)
+        if reason:
+            problems.append(f"layer {name!r} cannot have LoRA: {reason}")
+            continue
+        base_shape = tuple(_compat.lora_base_variable(layer).shape)
+        a_name, b_name = _compat.lora_adapter_names(layer)
+        expected[f"{name}/{a_name}"] = (base_shape[:-1] + (rank,), "float32")
+        expected[f"{name}/{b_name}"] = ((rank, base_shape[-1]), "float32")
+        to_enable.append((layer, rank, alpha))
+    if problems:
+        raise DeltaMismatchError(
+            f"Delta file {path!r} has LoRA adapters that this model cannot take "
+            f"({len(problems)} problem(s)): " + "; ".join(problems[:_SHOWN]) + ". "
+            "Load the delta onto a fresh copy of the base model it was trained from."
+        )
+    return to_enable, expected
+
+
+def _check_fit(model, header: dict, tensors: dict, planned: dict, path: str) -> None:
+    expected = {v.path: (tuple(v.shape), _dtype(v)) for v in model.weights}
+    expected.update(planned)
+    saved_from = header.get("model", {})
+    origin = f"model {saved_from.get('name')!r} ({saved_from.get('class')})"
+    order = [p for p in header["variables"] if p in tensors]  # the model's order at save
+    missing = [p for p in order if p not in expected]
+    if missing:
+        close = [p for p in expected if p.rsplit("/", 1)[-1] == missing[0].rsplit("/", 1)[-1]]
+        raise DeltaMismatchError(
+            f"Delta file {path!r} (saved from {origin}) has {len(missing)} of "
+            f"{len(tensors)} variables that this model ({model.name!r}) does not "
+            f"have, e.g. {missing[:_SHOWN]}. Variables are matched by path; this "
+            f"model has e.g. {close[:3] or list(expected)[:3]}. Load the delta onto "
+            "the base model it was trained from, built the same way (names included)."
+        )
+    wrong = [
+        f"{p}: file {tuple(a.shape)} {a.dtype.name}, model {expected[p][0]} {expected[p][1]}"
+        for p, a in ((p, tensors[p]) for p in order)
+        if tuple(a.shape) != tuple(expected[p][0]) or a.dtype.name != expected[p][1]
+    ]
+    if wrong:
+        raise DeltaMismatchError(
+            f"Delta file {path!r} (saved from {origin}) does not fit model "
+            f"{model.name!r}: {len(wrong)} variable(s) have another shape or dtype: "
+            + "; ".join(wrong[:_SHOWN])
+            + ". Load it onto the same base model configuration it was trained from."
+        )
+    rules = header.get("rules")
+    if rules:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                resolve(list(expected), normalize_rules(rules))
+        except PolicyError as e:
+            raise DeltaMismatchError(
+                f"The rules saved in delta file {path!r} do not fit model {model.name!r}: {e}"
+            ) from None
+
+
+def load_delta(model, path):
+    """Loads a `save_delta` file onto a freshly built base model, and wraps it.
+
+    In order: reads and checks the file (readable, complete, checksum);
+    plans the LoRA adapters it records (the layers exist, support LoRA, and
+    have none yet, or the same ones); checks that every saved variable path
+    exists in the model, or will once the adapters exist, with the same
+    shape and dtype, and that the saved rules fit. Only then does it add the
+    adapters, assign the values and `wrap` the model with the saved rules
+    (a delta saved from an unwrapped model only assigns values).
+
+    If any check fails, the model is left exactly as it was: no adapter is
+    added, no value or trainable flag changes.
+
+    Args:
+        model: the base model the delta was trained from, built the same way
+            (same layer names, so the same variable paths), e.g. a fresh
+            `keras_hub.models.BertTextClassifier.from_preset(...)`.
+        path: a file written by `keras_peft.save_delta`.
+
+    Returns:
+        The same model, wrapped with the saved rules.
+
+    Raises:
+        DeltaFileError: the file is missing, truncated, corrupted or not a delta.
+        DeltaMismatchError: the delta does not fit the model (unknown paths,
+            other shapes or dtypes, LoRA layers it cannot take, rules that
+            match nothing).
+
+    Example:
+
+    ```python
+    import os, tempfile
+    import keras
+    import numpy as np
+    import keras_peft
+
+    def base():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([
+            keras.Input((4,)),
+            keras.layers.Dense(8, name="block_0"),
+            keras.layers.Dense(8, name="block_1"),
+            keras.layers.Dense(1, name="head"),
+        ], name="mlp")
+
+    model = base()
+    keras_peft.wrap(model, keras_peft.lora(model, rank=2, targets=r".*block_\\d"))
+    model.compile(optimizer="adam", loss="mse")
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    model.fit(x, x[:, :1], epochs=2, verbose=0)
+    path = os.path.join(tempfile.mkdtemp(), "run.safetensors")
+    keras_peft.save_delta(model, path)
+
+    restored = keras_peft.load_delta(base(), path)
+    np.testing.assert_allclose(restored.predict(x, verbose=0), model.predict(x, verbose=0),
+                               atol=1e-6)
+    ```
+    """
+    _check_model(model, "load_delta")
+    path = os.fspath(path)
+    header, tensors = _read(path)
+    try:
+        record = [
+            {"layer": str(e["layer"]), "rank": int(e["rank"]), "alpha": e["alpha"]}
+            for e in header.get("lora") or []
+        ]
+    except (KeyError, TypeError, ValueError) as e:
+        raise DeltaFileError(
+            f"Cannot read delta file {path!r}: its LoRA record is damaged ({e})."
+        ) from None
+    to_enable, planned = _plan_lora(model, record, path)
+    _check_fit(model, header, tensors, planned, path)
+
+    # Every check passed: change the model. What follows should not fail; if
+    # it does, values and flags are put back (added adapters are switched off).
+    flags = [(v, v.trainable) for v in model.weights]
+    values = [
+        (v, np.array(keras.ops.convert_to_numpy(v))) for v in model.weights if v.path in tensors
+    ]
+    enabled = []
+    try:
+        for layer, rank, alpha in to_enable:
+            layer.enable_lora(rank, lora_alpha=alpha)
+            enabled.append(layer)
+        by_path = {v.path: v for v in model.weights}
+        for p, value in tensors.items():
+            by_path[p].assign(value)
+        if header.get("rules"):
+            wrap(model, header["rules"])
+    except BaseException:
+        for v, value in values:
+            v.assign(value)
+        for v, flag in flags:
+            v.trainable = flag
+        for layer in enabled:
+            _compat.set_lora_enabled(layer, False)
+        _compat.reset_compiled_functions(model)
+        raise
+    _compat.reset_compiled_functions(model)
+    if to_enable:
+        groups: dict = {}
+        for layer, rank, alpha in to_enable:
+            groups.setdefault((rank, alpha), []).append(_layer_path(layer))
+        model._peft_lora = [
+            *getattr(model, "_peft_lora", []),
+            *(
+                {"rank": r, "alpha": a, "targets": None, "layers": layers, "source": path}
+                for (r, a), layers in groups.items()
+            ),
+        ]
+    return model
