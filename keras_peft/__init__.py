@@ -1,8 +1,12 @@
 """keras-peft: parameter-efficient fine-tuning for Keras 3 / TensorFlow.
 
 ```python
+import keras
 import keras_peft
-model = keras_peft.wrap(model, rules={r".*": keras_peft.Rule(lr_scale=0.5)})
+
+model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="body"),
+                          keras.layers.Dense(1, name="head")], name="net")
+keras_peft.wrap(model, rules={r".*body/.*": keras_peft.Rule(lr_scale=0.5)})
 print(keras_peft.report(model))
 ```
 """
@@ -11,8 +15,19 @@ import os as _os
 
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from keras_peft import layers  # noqa: E402
-from keras_peft.model import (  # noqa: E402
+# ruff: noqa: E402
+from keras_peft import layers
+from keras_peft.auto import AutoResult, auto
+from keras_peft.delta import (
+    DeltaError,
+    DeltaFileError,
+    DeltaMismatchError,
+    load_delta,
+    save_delta,
+)
+from keras_peft.depth import BlockInferenceError, Blocks, model_blocks
+from keras_peft.lora import LoraTargetError, lora, lora_layer_paths, merge, unmerge
+from keras_peft.model import (
     PeftModel,
     get_rules,
     is_wrapped,
@@ -20,9 +35,16 @@ from keras_peft.model import (  # noqa: E402
     variable_paths,
     wrap,
 )
-from keras_peft.depth import BlockInferenceError, Blocks, model_blocks  # noqa: E402
-from keras_peft.reporting import Report, ReportRow, report  # noqa: E402
-from keras_peft.strategies import (  # noqa: E402
+from keras_peft.reporting import Report, ReportRow, report
+from keras_peft.rules import (
+    Decision,
+    DuplicatePathError,
+    Plan,
+    PolicyError,
+    Rule,
+    UnmatchedRuleError,
+)
+from keras_peft.strategies import (
     bitfit,
     combine,
     full,
@@ -32,38 +54,14 @@ from keras_peft.strategies import (  # noqa: E402
     surgical,
     top_layers,
 )
-from keras_peft.rules import (  # noqa: E402
-    Decision,
-    DuplicatePathError,
-    Plan,
-    PolicyError,
-    Rule,
-    UnmatchedRuleError,
-)
+from keras_peft.unfreezing import GradualUnfreezing, gradual_unfreezing
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BlockInferenceError",
-    "Blocks",
-    "bitfit",
-    "combine",
-    "full",
-    "head_only",
-    "layerwise_lr_decay",
-    "model_blocks",
-    "norm_tuning",
-    "surgical",
-    "top_layers",
-    "Decision",
-    "DuplicatePathError",
+    # core
     "PeftModel",
-    "Plan",
-    "PolicyError",
-    "Report",
-    "ReportRow",
     "Rule",
-    "UnmatchedRuleError",
     "get_rules",
     "is_wrapped",
     "layers",
@@ -71,10 +69,39 @@ __all__ = [
     "unwrap",
     "variable_paths",
     "wrap",
+    "Decision",
+    "Plan",
+    "Report",
+    "ReportRow",
+    # strategies
+    "Blocks",
+    "model_blocks",
+    "auto",
+    "AutoResult",
+    "bitfit",
+    "combine",
+    "full",
+    "gradual_unfreezing",
+    "GradualUnfreezing",
+    "head_only",
+    "layerwise_lr_decay",
+    "lora",
+    "lora_layer_paths",
+    "merge",
+    "norm_tuning",
+    "surgical",
+    "top_layers",
+    "unmerge",
+    # checkpoints
+    "load_delta",
+    "save_delta",
+    # errors
+    "BlockInferenceError",
+    "DeltaError",
+    "DeltaFileError",
+    "DeltaMismatchError",
+    "DuplicatePathError",
+    "LoraTargetError",
+    "PolicyError",
+    "UnmatchedRuleError",
 ]
-
-# Automatic selection (Auto-RGN) and gradual unfreezing
-from keras_peft.auto import AutoResult, auto  # noqa: E402
-from keras_peft.unfreezing import GradualUnfreezing, gradual_unfreezing  # noqa: E402
-
-__all__ += ["AutoResult", "GradualUnfreezing", "auto", "gradual_unfreezing"]

@@ -241,10 +241,15 @@ def _apply_policy(model, rules) -> None:
     plan = resolve([v.path for v in weights], rules)
     capable = _compat.trainable_capable(model)
     previous = [(v, v.trainable) for v in weights]
+    # Undecided variables go back to their state before wrap, so that
+    # set_rules() means "as if wrapped with these rules" whatever came before.
+    original = getattr(model, "_peft_original_trainable", {})
     try:
         for v, decision in zip(weights, plan):
             if decision.rule is not None and id(v) in capable:
                 v.trainable = decision.rule.trainable
+            elif decision.rule is None and id(v) in original:
+                v.trainable = original[id(v)]
         effective = {id(v) for v in model.trainable_weights}
         hidden = [
             d.path

@@ -293,3 +293,10 @@ def test_jit_compile_lr_scale_matches_eager_graph():
     reference = compile_fit(tiny_mlp(), keras.optimizers.Adam(5e-3), jit_compile=True)
     for w, r in zip(wrapped.weights, reference.weights):
         np.testing.assert_allclose(w.numpy(), r.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_set_rules_returns_undecided_variables_to_their_state_before_wrap():
+    model = keras_peft.wrap(tiny_mlp(), {r".*block_0/.*": Rule(trainable=False)})
+    model.set_rules({r".*head/.*": Rule(trainable=False)})
+    assert {v.path for v in model.weights if not v.trainable} == {"mlp/head/kernel",
+                                                                  "mlp/head/bias"}
