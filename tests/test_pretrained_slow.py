@@ -1,0 +1,47 @@
+"""Slow tests on the real all-MiniLM-L6-v2 checkpoint (skipped when it cannot be had)."""
+
+import os
+
+import pytest
+
+import keras_peft
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def minilm_folder():
+    from keras_peft.pretrained import minilm_path
+
+    try:
+        return minilm_path(verbose=False)
+    except (RuntimeError, FileNotFoundError, OSError) as e:
+        pytest.skip(f"all-MiniLM-L6-v2 not available: {e}")
+
+
+def _classifier(folder):
+    import keras_hub
+
+    return keras_hub.models.BertTextClassifier.from_preset(
+        folder, num_classes=2, preprocessor=None, load_weights=True)
+
+
+@pytest.mark.parametrize("strategy", ["lora8", "bitfit"])
+def test_delta_is_under_two_percent_of_full_weights(minilm_folder, tmp_path, strategy):
+    model = _classifier(minilm_folder)
+    full = tmp_path / "full.weights.h5"
+    model.save_weights(str(full))
+    if strategy == "lora8":
+        rules = keras_peft.lora(model, rank=8, targets=r".*(query|value)")
+    else:
+        rules = keras_peft.bitfit(model)
+    keras_peft.wrap(model, rules)
+    delta = tmp_path / "delta.safetensors"
+    keras_peft.save_delta(model, str(delta))
+    ratio = os.path.getsize(delta) / os.path.getsize(full)
+    print(f"{strategy}: delta {os.path.getsize(delta):,} B / full {os.path.getsize(full):,} B"
+          f" = {100 * ratio:.2f} %")
+    assert ratio < 0.02
+    restored = keras_peft.load_delta(_classifier(minilm_folder), str(delta))
+    assert keras_peft.report(restored).trainable_params == keras_peft.report(
+        model).trainable_params
