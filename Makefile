@@ -27,6 +27,7 @@ demo: venv
 	$(VENV)/bin/python recipes/quickstart.py
 
 test: venv
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q tests
 
 docs: venv-docs

@@ -52,14 +52,14 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-import keras
-import numpy as np
-import tensorflow as tf
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")  # "N out of the last M calls ... retracing": one model each
 
-import keras_peft
-from keras_peft import Rule
+import keras_peft  # noqa: E402
+from keras_peft import Rule  # noqa: E402
 
 OVERHEAD_TARGET = 1.05  # wrap / plain step time, at most
 FREEZE_TARGET = 0.90  # measured / theoretical speed-up, at least

@@ -27,12 +27,12 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import numpy as np
+import tensorflow as tf
 
-import keras_peft  # noqa: E402
-from keras_peft import Rule  # noqa: E402
+import keras_peft
+from keras_peft import Rule
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SST2 = os.path.join(HERE, "..", "..", "shared", "data", "sst2", "train.tsv")
@@ -167,7 +167,8 @@ def main(argv=None):
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs; TF {tf.__version__}, "
           f"Keras {keras.__version__}; train {len(train[0])}, eval {len(held_out[0])}, "
           f"batch {args.batch_size}, sequence length {args.sequence_length}, "
-          f"lr {args.learning_rate or 'per strategy'}, XLA {not args.no_jit}, pooling mean", flush=True)
+          f"lr {args.learning_rate or 'per strategy'}, XLA {not args.no_jit}, pooling mean",
+          flush=True)
     results = []
     for strategy in args.only.split(","):
         print(f"\n== {strategy}", flush=True)

@@ -15,7 +15,6 @@ import os as _os
 
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-# ruff: noqa: E402
 from keras_peft import layers
 from keras_peft.auto import AutoResult, auto
 from keras_peft.delta import (

@@ -26,8 +26,8 @@ def compute_loss(model, x, y, y_pred, sample_weight):
 def track_loss(model, loss, x):
     """Updates the `loss` metric that `fit` shows, exactly as Keras' step does."""
     import tensorflow as tf
-    from keras.src.losses import loss as loss_module
     from keras.src import tree
+    from keras.src.losses import loss as loss_module
 
     model._loss_tracker.update_state(
         loss_module.unscale_loss_for_distribution(loss),

@@ -129,7 +129,9 @@ def _check_args(num_batches, min_lr_scale, verbose, batch_size, data):
     if isinstance(num_batches, bool) or not isinstance(num_batches, numbers.Integral) or (
         num_batches < 1
     ):
-        raise ValueError(f"`num_batches` must be an int >= 1. Received: num_batches={num_batches!r}.")
+        raise ValueError(
+            f"`num_batches` must be an int >= 1. Received: num_batches={num_batches!r}."
+        )
     if (
         isinstance(min_lr_scale, bool)
         or not isinstance(min_lr_scale, numbers.Real)

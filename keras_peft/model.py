@@ -113,11 +113,10 @@ class PeftModel:
         return (self._peft_version, tuple(id(v) for v in self.trainable_weights))
 
     def make_train_function(self, force=False):
-        if self.train_function is not None and not force:
-            # Ours checks the signature at every step; Keras' own (set by a
-            # compile() after wrap) is replaced.
-            if getattr(self.train_function, "_peft_guarded", False):
-                return self.train_function
+        # Ours checks the signature at every step; Keras' own (set by a
+        # compile() after wrap) is replaced.
+        if not force and getattr(self.train_function, "_peft_guarded", False):
+            return self.train_function
         signature = self._peft_signature()
         _sync_optimizer(self)
         super().make_train_function(force=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-
 from collections.abc import Mapping
 
 import keras
@@ -68,7 +67,11 @@ class Report:
 
     def __str__(self) -> str:
         header = ("layer", "params", "trainable", "lr_scale", "grad_scale", "rule", "note")
-        fmt = lambda v: f"{v:g}" if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) else str(v))  # noqa: E731
+        def fmt(v):
+            if isinstance(v, float):
+                return f"{v:g}"
+            return f"{v:,}" if isinstance(v, int) else str(v)
+
         body = [
             (r.layer, fmt(r.params), fmt(r.trainable_params), fmt(r.lr_scale),
              fmt(r.grad_scale), r.rule, r.note)

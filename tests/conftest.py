@@ -5,9 +5,9 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import keras
+import numpy as np
+import pytest
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
@@ -40,7 +40,9 @@ def changed(before, model):
 
 def compile_fit(model, optimizer=None, epochs=1, batch_size=16, jit_compile=False, **fit_kw):
     model.compile(
-        optimizer=optimizer or keras.optimizers.Adam(1e-2, name="adam"), loss="mse", jit_compile=jit_compile
+        optimizer=optimizer or keras.optimizers.Adam(1e-2, name="adam"),
+        loss="mse",
+        jit_compile=jit_compile,
     )
     x, y = regression_data()
     model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0, shuffle=False, **fit_kw)

@@ -69,7 +69,6 @@ def test_lr_scale_equals_optimizer_with_scaled_learning_rate(optimizer_fn):
 
 def test_per_variable_lr_scales_under_adam_one_step():
     """Two groups with different scales: each equals Adam at its own learning rate."""
-    x, y = regression_data(16)
     rules = {r".*block_.*": Rule(lr_scale=0.25), r".*head/.*": Rule()}
     wrapped = keras_peft.wrap(tiny_mlp(), rules)
     compile_fit(wrapped, keras.optimizers.Adam(1e-2), batch_size=64)
@@ -181,7 +180,9 @@ def test_rules_override_a_frozen_sublayer():
 def test_non_trainable_state_is_never_made_trainable():
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
-        [keras.Input((4,)), keras.layers.BatchNormalization(name="bn"), keras.layers.Dense(1, name="dense")], name="bnnet"
+        [keras.Input((4,)), keras.layers.BatchNormalization(name="bn"),
+         keras.layers.Dense(1, name="dense")],
+        name="bnnet",
     )
     keras_peft.wrap(model, {".*": Rule()})
     assert {v.path for v in model.trainable_weights} == {
@@ -271,7 +272,8 @@ def test_unwrap_restores_class_and_trainability():
 def test_wrapping_twice_replaces_the_rules():
     model = keras_peft.wrap(tiny_mlp(), {r".*block_0/.*": Rule(trainable=False)})
     keras_peft.wrap(model, {r".*head/.*": Rule(trainable=False), ".*": Rule()})
-    assert {v.path for v in model.weights if not v.trainable} == {"mlp/head/kernel", "mlp/head/bias"}
+    frozen = {v.path for v in model.weights if not v.trainable}
+    assert frozen == {"mlp/head/kernel", "mlp/head/bias"}
     assert type(model).__mro__.count(keras_peft.PeftModel) == 1
 
 

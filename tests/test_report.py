@@ -38,6 +38,6 @@ def test_report_mixed_scales_in_one_layer():
     model = keras_peft.wrap(
         tiny_mlp(), {r".*head/kernel": Rule(lr_scale=0.5), r".*head/bias": Rule(lr_scale=2.0)}
     )
-    row = [r for r in keras_peft.report(model).rows if r.layer == "mlp/head"][0]
+    row = next(r for r in keras_peft.report(model).rows if r.layer == "mlp/head")
     assert row.lr_scale == "0.5,2"
     assert row.rule == r".*head/kernel | .*head/bias"
