@@ -1,7 +1,7 @@
 """The code examples in docstrings and in docs/*.md run as written.
 
-Each ```python block of a public object's docstring, and of every page under
-docs/, is executed in a fresh namespace. A block whose first line is
+Each ```python block of a public object's docstring, of README.md and of every
+page under docs/, is executed in a fresh namespace. A block whose first line is
 `# not-run` (e.g. one that needs a download) is skipped.
 """
 
@@ -28,7 +28,8 @@ def _docstring_blocks():
 
 
 def _page_blocks():
-    for page in sorted(glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True)):
+    pages = sorted(glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True))
+    for page in [os.path.join(ROOT, "README.md"), *pages]:
         with open(page, encoding="utf-8") as f:
             text = f.read()
         for i, code in enumerate(BLOCK.findall(text)):
