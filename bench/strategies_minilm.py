@@ -38,7 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SST2 = os.path.join(HERE, "..", "..", "shared", "data", "sst2", "train.tsv")
 STRATEGIES = ["full", "head_only", "top_layers:2", "bitfit", "lora:8", "llrd:0.8", "auto"]
 # Learning rates usual for each kind of strategy (few trained parameters -> larger rate).
-LEARNING_RATES = {"full": 5e-5, "top_layers": 1e-4, "llrd": 1e-4, "auto": 1e-4,
+LEARNING_RATES = {"full": 5e-5, "top_layers": 1e-4, "llrd": 1e-4, "auto": 1e-3,
                   "head_only": 3e-3, "bitfit": 1e-3, "lora": 1e-3}
 
 
@@ -83,7 +83,10 @@ def rules_for(strategy, model, train_ds):
     elif name == "llrd":
         rules = keras_peft.layerwise_lr_decay(model, float(arg))
     elif name == "auto":
-        result = keras_peft.auto(model, train_ds, num_batches=4, budget=0.1)
+        result = keras_peft.auto(
+            model, train_ds, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            num_batches=4, budget=0.1)
+        print(result)
         rules = result.rules
     else:
         raise SystemExit(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
@@ -174,6 +177,17 @@ def main(argv=None):
         print(f"\n== {strategy}", flush=True)
         results.append(run(strategy, args, preset, train, held_out))
         print(json.dumps(results[-1]), flush=True)
+    # Merge with earlier results of the same settings (re-running one strategy).
+    previous = {}
+    settings = {k: v for k, v in vars(args).items() if k not in ("only", "out")}
+    if os.path.exists(args.out + ".json"):
+        with open(args.out + ".json") as f:
+            saved = json.load(f)
+        if saved.get("settings") == settings:
+            previous = {r["strategy"]: r for r in saved["results"]}
+    previous.update({r["strategy"]: r for r in results})
+    order = {s: i for i, s in enumerate(STRATEGIES)}
+    results = sorted(previous.values(), key=lambda r: order.get(r["strategy"], len(order)))
     lines = ["| strategy | learning rate | trainable params | % of all | median step (s) "
              "| accuracy |", "|---|---:|---:|---:|---:|---:|"]
     for r in results:
@@ -187,7 +201,7 @@ def main(argv=None):
     with open(args.out + ".md", "w") as f:
         f.write(table + "\n")
     with open(args.out + ".json", "w") as f:
-        json.dump({"args": vars(args), "results": results}, f, indent=2)
+        json.dump({"settings": settings, "results": results}, f, indent=2)
     return results
 
 
