@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 
 import keras
@@ -23,6 +22,7 @@ import safetensors
 import safetensors.numpy
 
 from keras_peft import _compat
+from keras_peft.io import atomic_path
 from keras_peft.lora import _layer_path, lora_layer_paths
 from keras_peft.model import get_rules, wrap
 from keras_peft.rules import DuplicatePathError, PolicyError, normalize_rules, resolve
@@ -109,18 +109,8 @@ def _lora_record(model) -> list[dict]:
 
 def _write(tensors: dict, path: str, metadata: dict) -> None:
     """Writes atomically: a temp file in the same folder, then `os.replace`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         safetensors.numpy.save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # ------------------------------------------------------------------- save
