@@ -104,3 +104,24 @@ __all__ = [
     "PolicyError",
     "UnmatchedRuleError",
 ]
+
+# Frozen-prefix activation caching (keras_peft.caching).
+from keras_peft.caching import (
+    CachedPrefix,
+    NondeterministicDataError,
+    NondeterministicPrefixError,
+    PrefixError,
+    PrefixSplit,
+    cache_prefix,
+    split_prefix,
+)
+
+__all__ += [
+    "cache_prefix",
+    "split_prefix",
+    "CachedPrefix",
+    "PrefixSplit",
+    "NondeterministicDataError",
+    "NondeterministicPrefixError",
+    "PrefixError",
+]

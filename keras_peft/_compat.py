@@ -154,3 +154,75 @@ def reset_compiled_functions(model) -> None:
 def own_state_variables(layer) -> list:
     """Variables `layer` itself created non-trainable (BatchNorm moving statistics)."""
     return list(layer._non_trainable_variables)
+
+
+# ------------------------------------------------------- functional graphs
+# `keras_peft.cache_prefix` splits a functional model into a frozen prefix and
+# a trainable suffix. Keras has no public API to walk a functional graph node
+# by node (nor to inline a nested functional model such as a keras-hub
+# backbone), so the walk below reads `Function._nodes_by_depth` and each
+# node's `arguments`, as `Function._run_through_graph` does.
+
+
+def functional_of(model):
+    """The `Functional` that computes `model`, or None when it has none.
+
+    A `Functional` (keras-hub backbones and tasks included) is its own
+    graph unless its class overrides `call`; a `Sequential` built on an
+    `Input` keeps one in `_functional`.
+    """
+    from keras.src.models.functional import Functional
+
+    if isinstance(model, keras.Sequential):
+        inner = getattr(model, "_functional", None)
+        return inner if isinstance(inner, Functional) else None
+    if isinstance(model, Functional) and type(model).call is Functional.call:
+        return model
+    return None
+
+
+def graph_inputs(function) -> tuple:
+    """`(flat input KerasTensors, input structure)` of a `Functional`."""
+    return list(function.inputs), function._inputs_struct
+
+
+def graph_outputs(function) -> tuple:
+    """`(flat output KerasTensors, output structure)` of a `Functional`."""
+    return list(function.outputs), function._outputs_struct
+
+
+def graph_nodes(function) -> list:
+    """The operation nodes of a `Functional`, in execution order (inputs left out)."""
+    nodes = []
+    for depth in sorted(function._nodes_by_depth, reverse=True):
+        for node in function._nodes_by_depth[depth]:
+            if node.operation is not None and not node.is_input:
+                nodes.append(node)
+    return nodes
+
+
+def node_call_arguments(node) -> tuple:
+    """`(args, kwargs)` a node's operation was called with (KerasTensors inside)."""
+    return node.arguments.args, node.arguments.kwargs
+
+
+def node_fill_in(node, tensors_by_id: dict) -> tuple:
+    """`(args, kwargs)` of the node with each KerasTensor replaced via `tensors_by_id`."""
+    return node.arguments.fill_in(tensors_by_id)
+
+
+def draws_random_numbers(layer) -> bool:
+    """Whether `layer` itself owns a `SeedGenerator` (Dropout, noise, augmentation)."""
+    return bool(getattr(layer, "_seed_generators", None))
+
+
+def compile_arguments(model) -> dict | None:
+    """The arguments `model.compile` was called with, or None if it was not compiled.
+
+    `get_compile_config()` serializes them (and loses custom objects); the
+    raw arguments let a second model share the same loss and metrics.
+    """
+    config = getattr(model, "_compile_config", None)
+    if not getattr(model, "compiled", False) or config is None:
+        return None
+    return dict(config.config)
