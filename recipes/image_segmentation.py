@@ -1,0 +1,752 @@
+"""Image segmentation with a PEFT-tuned encoder, and the surgical fine-tuning experiment.
+
+Fine-tunes an encoder-decoder segmentation model (a U-Net-style decoder on a
+keras-hub encoder, or keras-hub's DeepLabV3) with any keras-peft strategy:
+
+    python recipes/image_segmentation.py --data ../shared/data/isbi2012-membrane/train \\
+        --backbone resnet_tiny --strategy full --epochs 20 --output-dir runs/isbi
+
+    # chain runs: start from the model an earlier run saved, on corrupted images
+    python recipes/image_segmentation.py --data ../shared/data/isbi2012-membrane/train \\
+        --init runs/isbi --corrupt gaussian_noise:0.2 --compare full,surgical,decoder
+
+    # the surgical fine-tuning experiment (Lee et al., ICLR 2023), one command
+    python recipes/image_segmentation.py --experiment surgical \\
+        --data ../shared/data/isbi2012-membrane/train --output-dir runs/surgical
+
+Strategies (`--strategy`, or a comma-separated `--compare` list):
+`none` (evaluate only), `full`, `decoder` (everything after the encoder's last
+block: the U-Net decoder), `head_only`, `surgical[:B+B...]` (blocks by index,
+name, `stem`; default `0`, the encoder's first block), `top_layers:K`,
+`bitfit`, `norm_tuning`, `llrd:DECAY`, `lora:RANK` (on the encoder's
+convolutions), `auto[:BUDGET]` (Auto-RGN).
+
+BatchNorm: a BatchNormalization layer none of whose variables train runs in
+inference mode (its statistics stay fixed); `--bn-train` lets such layers
+normalise with batch statistics and update them. Layers with a trainable
+variable (e.g. BitFit's `beta`) always use batch statistics in training.
+
+Writes to `--output-dir`: `results.json` (metrics, parameters, times),
+`panel.png` (validation images, ground truth, predictions) and `model.keras`
+(the trained model, for `--init`). `main(argv)` returns the results as a dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import _segmentation_data as seg_data
+import _segmentation_metrics as seg_metrics
+import _segmentation_model as seg_model
+import keras
+import numpy as np
+import tensorflow as tf
+
+import keras_peft
+
+DEFAULT_DATA = "tfds:oxford_iiit_pet"
+EXPERIMENT_STRATEGIES = "none,full,surgical,surgical:stem+0,decoder,bitfit,auto"
+STRATEGY_NAMES = ("none", "full", "decoder", "head_only", "surgical", "top_layers", "bitfit",
+                  "norm_tuning", "llrd", "lora", "auto")
+
+
+# ------------------------------------------------------------------- options
+def _int_list(text):
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Fine-tune a segmentation model (keras-hub encoder + decoder) with a "
+        "keras-peft strategy.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=DEFAULT_DATA,
+                   help="tfds:oxford_iiit_pet (downloads), 'synthetic', or a folder with "
+                   "image/N.png + label/N.png")
+    g.add_argument("--validation-data", default=None,
+                   help="a folder (same layout) to validate on instead of a split")
+    g.add_argument("--validation-split", type=float, default=None,
+                   help="fraction held out for validation (folders and synthetic; default "
+                   "0.2, with --experiment 0.25: 6 of ISBI's 24 images)")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the validation split")
+    g.add_argument("--train-range", default=None, metavar="A:B",
+                   help="use only images A..B-1 of the training part (after the split)")
+    g.add_argument("--train-examples", type=int, default=None, metavar="N",
+                   help="use N training images drawn (with --seed) from the range")
+    g.add_argument("--max-examples", type=int, default=None,
+                   help="load at most this many images (per split for tfds)")
+    g.add_argument("--mask-values", default=None,
+                   help="comma-separated mask values, one per class (default: sorted "
+                   "distinct values found)")
+    g.add_argument("--class-names", default=None, help="comma-separated class names")
+    g.add_argument("--image-size", type=int, default=128, help="images are resized to this")
+    g.add_argument("--crop-size", type=int, default=None,
+                   help="random training crops (default: 3/4 of --image-size, a multiple of "
+                   "the encoder's stride; 0 = no crop)")
+    g.add_argument("--no-flip", action="store_true", help="no random flips in training")
+    g.add_argument("--corrupt", default=None,
+                   help="gaussian_noise:SIGMA | blur:SIGMA | contrast:FACTOR (inputs only, "
+                   "training and validation)")
+    g.add_argument("--corrupt-seed", type=int, default=0,
+                   help="seed of the corruption draws (fixed per image)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=("unet", "deeplabv3"), default="unet")
+    g.add_argument("--backbone", default=seg_model.DEFAULT_BACKBONE,
+                   help="keras-hub preset or local preset folder, or a random-init config: "
+                   f"{', '.join(seg_model.BACKBONE_CONFIGS)}")
+    g.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="start from a model.keras (or an output folder) an earlier run wrote")
+    g = p.add_argument_group("training")
+    g.add_argument("--strategy", default="full", help="see the module docstring")
+    g.add_argument("--compare", default=None,
+                   help="comma-separated strategies to run on the same data")
+    g.add_argument("--bn-train", action="store_true",
+                   help="BatchNorm layers of frozen blocks use and update batch statistics")
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--steps-per-epoch", type=int, default=None,
+                   help="default: one pass over the training images")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--learning-rate", type=float, default=1e-3)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: on when TensorFlow sees a GPU")
+    g.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="XLA; default: on when TensorFlow sees a GPU")
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", default="runs/segmentation")
+    g.add_argument("--panel-images", type=int, default=3,
+                   help="validation images in panel.png (0: none)")
+    g.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
+                   help="0 silent, 1 progress bars, 2 one line per epoch")
+    g = p.add_argument_group("experiment (--experiment surgical)")
+    g.add_argument("--experiment", choices=("surgical",), default=None,
+                   help="pretrain on clean images, adapt to corrupted ones with a few labels, "
+                   "compare strategies over seeds")
+    g.add_argument("--seeds", default="0,1,2")
+    g.add_argument("--strategies", default=EXPERIMENT_STRATEGIES)
+    g.add_argument("--shots", type=int, default=2, help="labelled corrupted images to adapt on")
+    g.add_argument("--adapt-pool", type=int, default=4,
+                   help="training images reserved (never pretrained on) to draw shots from")
+    g.add_argument("--pretrain-epochs", type=int, default=60)
+    g.add_argument("--pretrain-steps", type=int, default=10, help="steps per pretraining epoch")
+    args = p.parse_args(argv)
+    _check_args(p, args)
+    return args
+
+
+def _check_args(parser, args):
+    if args.experiment:
+        if args.corrupt is None:
+            args.corrupt = "gaussian_noise:0.2"
+        if args.steps_per_epoch is None:
+            args.steps_per_epoch = 10
+    if args.validation_split is None:
+        args.validation_split = 0.25 if args.experiment else 0.2
+    try:
+        args.corruption = seg_data.parse_corruption(args.corrupt)
+    except ValueError as error:
+        parser.error(str(error))
+    for name in ("epochs", "batch_size", "image_size"):
+        if getattr(args, name) < (0 if name == "epochs" else 1):
+            parser.error(f"--{name.replace('_', '-')} must be positive.")
+    if args.steps_per_epoch is not None and args.steps_per_epoch < 1:
+        parser.error("--steps-per-epoch must be >= 1.")
+    if args.learning_rate <= 0:
+        parser.error("--learning-rate must be > 0.")
+    args.train_slice = (None, None)
+    if args.train_range:
+        try:
+            a, b = args.train_range.split(":")
+            args.train_slice = (int(a) if a else None, int(b) if b else None)
+        except ValueError:
+            parser.error(f"--train-range must be A:B (e.g. 0:14). Received: {args.train_range!r}.")
+    for spec in (args.compare.split(",") if args.compare else [args.strategy]):
+        try:
+            parse_strategy(spec)
+        except ValueError as error:
+            parser.error(str(error))
+    args.mask_value_list = _int_list(args.mask_values) if args.mask_values else None
+    args.class_name_list = args.class_names.split(",") if args.class_names else None
+
+
+def parse_strategy(spec: str) -> tuple[str, str | None]:
+    name, _, arg = spec.strip().partition(":")
+    if name not in STRATEGY_NAMES:
+        raise ValueError(f"Unknown strategy {spec!r}. Expected one of {', '.join(STRATEGY_NAMES)}.")
+    needs = {"top_layers": "K", "llrd": "DECAY", "lora": "RANK"}
+    if name in needs and not arg:
+        raise ValueError(f"Strategy {name!r} needs a value: {name}:{needs[name]}.")
+    if name in ("none", "full", "decoder", "head_only", "bitfit", "norm_tuning") and arg:
+        raise ValueError(f"Strategy {name!r} takes no value. Received: {spec!r}.")
+    return name, arg or None
+
+
+# ------------------------------------------------------------- strategies
+def _loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _encoder_conv_targets(model) -> str:
+    blocks = keras_peft.model_blocks(model)
+    head = set(blocks.head.paths) | set(blocks.neck.paths)
+    import re
+
+    paths = [
+        path for path, layer in keras_peft.lora_layer_paths(model).items()
+        if isinstance(layer, keras.layers.Conv2D) and f"{path}/kernel" not in head
+    ]
+    return "(?:" + "|".join(re.escape(p) for p in paths) + ")"
+
+
+def strategy_rules(model, spec: str, train_ds=None):
+    """Rules for `spec` (None for `none`) and a one-line description."""
+    name, arg = parse_strategy(spec)
+    if name == "none":
+        return None, "no training (evaluation only)"
+    if name == "full":
+        return keras_peft.full(model), "everything trains"
+    if name == "decoder":
+        return keras_peft.top_layers(model, 0), "the decoder (everything after the encoder)"
+    if name == "head_only":
+        return keras_peft.head_only(model), "the head"
+    if name == "surgical":
+        entries = []
+        for token in (arg or "0").split("+"):
+            entries.append(int(token) if token.lstrip("-").isdigit() else token)
+        return keras_peft.surgical(model, blocks=entries), f"blocks {entries} only"
+    if name == "top_layers":
+        return keras_peft.top_layers(model, int(arg)), f"the top {arg} encoder blocks + decoder"
+    if name == "bitfit":
+        return keras_peft.bitfit(model), "biases, BatchNorm betas, and the head"
+    if name == "norm_tuning":
+        return keras_peft.norm_tuning(model), "normalization scales/offsets, and the head"
+    if name == "llrd":
+        decay = float(arg)
+        return keras_peft.layerwise_lr_decay(model, decay), f"layer-wise lr decay {decay}"
+    if name == "lora":
+        rank = int(arg)
+        return (keras_peft.lora(model, rank, targets=_encoder_conv_targets(model)),
+                f"LoRA rank {rank} on the encoder's convolutions, and the head")
+    # auto
+    budget = None
+    if arg:
+        budget = float(arg) if "." in arg or "e" in arg.lower() else int(arg)
+    result = keras_peft.auto(model, train_ds, loss=_loss(), num_batches=4, budget=budget,
+                             verbose=0)
+    return result.rules, "Auto-RGN lr scales" + (f", budget {arg}" if budget else "")
+
+
+def set_batchnorm_modes(model, bn_train: bool) -> dict:
+    """Frozen BatchNorm layers -> inference mode (unless `bn_train`); returns what was done."""
+    frozen, training = [], []
+    for layer in keras_peft._compat.flatten_layers(model):
+        if not isinstance(layer, keras.layers.BatchNormalization):
+            continue
+        if any(v.trainable for v in layer._trainable_variables):
+            training.append(layer.name)
+        else:
+            frozen.append(layer)
+    if not bn_train:
+        for layer in frozen:
+            layer.trainable = False
+    return {
+        "frozen_layers_mode": "batch statistics (--bn-train)" if bn_train else "inference",
+        "frozen": [layer.name for layer in frozen],
+        "training": training,
+        "_layers": frozen,
+    }
+
+
+def describe_batchnorm(bn: dict) -> str:
+    n_frozen, n_training = len(bn["frozen"]), len(bn["training"])
+    if bn["frozen_layers_mode"] == "inference":
+        mode = ("run in inference mode (moving statistics fixed; --bn-train lets them "
+                "adapt)")
+    else:
+        mode = "use and update batch statistics (--bn-train)"
+    return (f"BatchNorm: {n_frozen} layer(s) in frozen parts {mode}; {n_training} layer(s) with "
+            "trainable variables use batch statistics.")
+
+
+def group_table(model) -> list[dict]:
+    """Per model_blocks group: variables, parameters, trainable parameters."""
+    trainable = {id(v) for v in model.trainable_weights}
+    by_path = {v.path: v for v in model.weights}
+    rows = []
+    for group in keras_peft.model_blocks(model).groups():
+        variables = [by_path[p] for p in group.paths]
+        rows.append({
+            "group": group.name,
+            "params": sum(math.prod(v.shape) for v in variables),
+            "trainable_params": sum(math.prod(v.shape) for v in variables
+                                    if id(v) in trainable),
+        })
+    return rows
+
+
+def format_groups(rows) -> str:
+    lines = [f"{'group':<16} {'params':>10} {'trainable':>10}"]
+    lines += [f"{r['group']:<16} {r['params']:>10,} {r['trainable_params']:>10,}" for r in rows]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------- data
+def load_splits(args):
+    """(training part, validation part) from the options."""
+    train = seg_data.load_data(
+        args.data, args.image_size, split="train", mask_values=args.mask_value_list,
+        class_names=args.class_name_list, max_examples=args.max_examples,
+    )
+    if args.validation_data:
+        val = seg_data.load_data(
+            args.validation_data, args.image_size, split="test",
+            mask_values=args.mask_value_list, class_names=args.class_name_list,
+            max_examples=None,
+        )
+        if val.num_classes != train.num_classes:
+            raise seg_data.DataError(
+                f"--validation-data has {val.num_classes} classes, the training data "
+                f"{train.num_classes}; give --mask-values so both map the same way."
+            )
+    elif args.data.startswith("tfds:"):
+        val = seg_data.load_data(args.data, args.image_size, split="test",
+                                 class_names=args.class_name_list,
+                                 max_examples=args.max_examples)
+    else:
+        train, val = seg_data.split(train, args.validation_split, args.split_seed)
+    return train, val
+
+
+# ------------------------------------------------------------------- model
+def _device_options(args) -> tuple[bool, bool]:
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    mixed = gpu if args.mixed_precision is None else args.mixed_precision
+    jit = gpu if args.jit_compile is None else args.jit_compile
+    return mixed, jit
+
+
+def _checkpoint_path(path: str) -> str:
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.keras")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"--init {path!r}: no such checkpoint. Give a model.keras (or the output folder) "
+            "of an earlier run of this recipe."
+        )
+    return path
+
+
+def make_model(args, num_classes: int):
+    """A fresh model (seeded) or the --init checkpoint; and a description."""
+    keras.utils.set_random_seed(args.seed)
+    if args.init:
+        path = _checkpoint_path(args.init)
+        model = keras.models.load_model(path, compile=False)
+        if not hasattr(model, "backbone"):
+            raise ValueError(f"--init {path}: not a segmentation model of this recipe.")
+        out_channels = model.output.shape[-1]
+        if out_channels != num_classes:
+            raise ValueError(
+                f"--init {path} predicts {out_channels} classes; the data has {num_classes}."
+            )
+        return model, {"init": os.path.abspath(path), "model": type(model).__name__}
+    backbone, info = seg_model.build_backbone(
+        args.backbone, fallback=args.backbone == seg_model.DEFAULT_BACKBONE
+    )
+    if "fallback_from" in info:
+        print(f"WARNING: could not load the default backbone {info['fallback_from']!r} "
+              f"({info['fallback_reason']}); using {info['name']!r} with RANDOM weights. Pass "
+              "--backbone resnet_tiny to silence this, or a local preset folder.")
+    model = seg_model.build_segmenter(backbone, num_classes, args.model)
+    return model, {"backbone": info, "model": type(model).__name__}
+
+
+class StepTimer(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.times = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times.append(time.perf_counter() - self._start)
+
+    def mean(self):
+        steady = self.times[1:] or self.times  # the first step traces
+        return float(np.mean(steady)) if steady else None
+
+
+# --------------------------------------------------------------------- run
+def _crop_size(args, stride: int) -> int | None:
+    if args.crop_size == 0:
+        return None
+    crop = args.crop_size or max(stride, (3 * args.image_size // 4) // stride * stride)
+    if crop % stride or crop > args.image_size:
+        raise ValueError(
+            f"--crop-size {crop} must be a multiple of the encoder's stride ({stride}) and at "
+            f"most --image-size ({args.image_size})."
+        )
+    return None if crop == args.image_size else crop
+
+
+def run_one(args, strategy: str, train, val, output_dir: str, *, tag: str = "") -> dict:
+    """Trains one model with one strategy and writes its outputs to `output_dir`."""
+    start = time.perf_counter()
+    mixed, jit = _device_options(args)
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    try:
+        model, model_info = make_model(args, train.num_classes)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    stride = seg_model.output_stride(model)
+    if args.image_size % stride:
+        raise ValueError(
+            f"--image-size {args.image_size} must be a multiple of the encoder's stride "
+            f"({stride})."
+        )
+    crop = _crop_size(args, stride)
+    verbose = args.verbose
+    say = print if verbose else (lambda *a, **k: None)
+    train_ds = seg_data.make_dataset(
+        train, batch_size=args.batch_size, training=True, corruption=args.corruption,
+        corrupt_seed=args.corrupt_seed, crop_size=crop, flip=not args.no_flip, seed=args.seed,
+    )
+    val_ds = seg_data.make_dataset(
+        val, batch_size=args.batch_size, training=False, corruption=args.corruption,
+        corrupt_seed=args.corrupt_seed,
+    )
+    say(f"\n== {tag or strategy}: {len(train)} training / {len(val)} validation images "
+        f"({train.source}), {args.image_size}px, crops {crop or 'none'}, corruption "
+        f"{args.corruption or 'none'}")
+
+    before = None
+    if args.init:
+        before, _ = seg_metrics.evaluate(model, val_ds, val.num_classes, val.class_names,
+                                         verbose=0)
+    rules, description = strategy_rules(model, strategy, train_ds)
+    steps = args.steps_per_epoch or max(1, math.ceil(len(train) / args.batch_size))
+    timer = StepTimer()
+    bn = {"frozen_layers_mode": None, "frozen": [], "training": [], "_layers": []}
+    history = {}
+    if rules is not None:
+        keras_peft.wrap(model, rules)
+        bn = set_batchnorm_modes(model, args.bn_train)
+        say(f"Strategy {strategy}: {description}.")
+        say(format_groups(group_table(model)))
+        say(keras_peft.report(model).summary())
+        say(describe_batchnorm(bn))
+        model.compile(optimizer=keras.optimizers.Adam(args.learning_rate), loss=_loss(),
+                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                      jit_compile=jit)
+        if args.epochs:
+            fit = model.fit(train_ds, epochs=args.epochs, steps_per_epoch=steps,
+                            callbacks=[timer], verbose=verbose)
+            history = {k: [float(x) for x in v] for k, v in fit.history.items()}
+    else:
+        say(f"Strategy {strategy}: {description}.")
+    report = keras_peft.report(model)
+    groups = group_table(model)
+    keep = max(0, args.panel_images)
+    metrics, kept = seg_metrics.evaluate(model, val_ds, val.num_classes, val.class_names,
+                                         keep=keep, verbose=1 if verbose == 1 else 0)
+
+    # Save a plain Keras model for --init: BatchNorm flags back, policy removed.
+    for layer in bn["_layers"]:
+        layer.trainable = True
+    if keras_peft.is_wrapped(model):
+        keras_peft.unwrap(model)
+    os.makedirs(output_dir, exist_ok=True)
+    checkpoint = os.path.join(output_dir, "model.keras")
+    seg_metrics.atomic_write(checkpoint, model.save)
+    panel = None
+    if keep and len(kept["images"]):
+        panel = os.path.join(output_dir, "panel.png")
+        title = f"{tag or strategy}: mean IoU {metrics['mean_iou']:.3f}"
+        if not seg_metrics.save_panel(
+            panel,
+            {"image": kept["images"], "ground truth": kept["masks"],
+             "prediction": kept["predictions"]},
+            num_classes=val.num_classes, title=title,
+        ):
+            panel = None
+
+    result = {
+        "strategy": strategy,
+        "description": description,
+        "trainable_params": report.trainable_params if rules is not None else 0,
+        "total_params": report.total_params,
+        "groups": groups,
+        "batchnorm": {k: v for k, v in bn.items() if not k.startswith("_")},
+        "metrics": metrics,
+        "metrics_before": before,
+        "data": {
+            "source": train.source, "train_images": len(train), "validation_images": len(val),
+            "train_ids": list(train.ids), "validation_ids": list(val.ids),
+            "class_names": val.class_names, "image_size": args.image_size, "crop_size": crop,
+            "flip": not args.no_flip,
+            "corruption": str(args.corruption) if args.corruption else None,
+            "corrupt_seed": args.corrupt_seed,
+        },
+        "model": {**model_info, "type": args.model if not args.init else model_info["model"],
+                  "output_stride": stride},
+        "training": {
+            "epochs": args.epochs if rules is not None else 0, "steps_per_epoch": steps,
+            "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+            "optimizer": "Adam", "seed": args.seed, "mixed_precision": mixed,
+            "jit_compile": jit, "history": history,
+        },
+        "mean_step_seconds": timer.mean(),
+        "wall_seconds": time.perf_counter() - start,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "files": {"checkpoint": checkpoint, "panel": panel,
+                  "results": os.path.join(output_dir, "results.json")},
+    }
+    seg_metrics.write_json(result["files"]["results"], result)
+    line = _metrics_line(metrics)
+    if before is not None:
+        line += f" (before: mean IoU {before['mean_iou']:.4f})"
+    say(f"{tag or strategy}: {line}; trainable {result['trainable_params']:,} of "
+        f"{result['total_params']:,}; {result['wall_seconds']:.1f} s -> {output_dir}")
+    return result
+
+
+def _metrics_line(metrics) -> str:
+    per_class = ", ".join(
+        f"{k} {v:.3f}" if v is not None else f"{k} -"
+        for k, v in metrics["per_class_iou"].items()
+    )
+    line = (f"mean IoU {metrics['mean_iou']:.4f} (IoU: {per_class}), pixel accuracy "
+            f"{metrics['pixel_accuracy']:.4f}")
+    if "dice" in metrics and metrics["dice"] is not None:
+        line += f", Dice {metrics['dice']:.4f}"
+    return line
+
+
+# ----------------------------------------------------------------- compare
+def compare_table(results: list[dict]) -> str:
+    lines = ["| strategy | trainable params | mean IoU | pixel accuracy | mean step (s) |",
+             "|---|---:|---:|---:|---:|"]
+    for r in results:
+        step = r["mean_step_seconds"]
+        lines.append(
+            f"| {r['strategy']} | {r['trainable_params']:,} | {r['metrics']['mean_iou']:.4f} | "
+            f"{r['metrics']['pixel_accuracy']:.4f} | {'-' if step is None else f'{step:.3f}'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _save_compare_chart(path, results):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for r in results:
+        x = max(r["trainable_params"], 1)
+        ax.scatter([x], [r["metrics"]["mean_iou"]])
+        ax.annotate(r["strategy"], (x, r["metrics"]["mean_iou"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log)")
+    ax.set_ylabel("validation mean IoU")
+    fig.tight_layout()
+    seg_metrics.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80))
+    plt.close(fig)
+    return path
+
+
+def run_compare(args, strategies, train, val) -> dict:
+    results = []
+    for spec in strategies:
+        out = os.path.join(args.output_dir, spec.replace(":", "_").replace("+", "-"))
+        results.append(run_one(args, spec, train, val, out))
+    table = compare_table(results)
+    table_path = os.path.join(args.output_dir, "compare.md")
+    seg_metrics.write_text(table_path, table)
+    chart = _save_compare_chart(os.path.join(args.output_dir, "compare.png"), results)
+    summary = {"results": results, "table": table_path, "chart": chart}
+    seg_metrics.write_json(os.path.join(args.output_dir, "compare.json"), summary)
+    if args.verbose:
+        print("\n" + table)
+    return summary
+
+
+# -------------------------------------------------------------- experiment
+def _stats(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+        "min": float(np.min(values)),
+        "max": float(np.max(values)),
+        "n": len(values),
+        "values": [float(v) for v in values],
+    }
+
+
+def experiment_table(rows: list[dict], class_names) -> str:
+    head = ("| strategy | trainable params | mean IoU (mean ± std) | min - max | "
+            + " | ".join(f"IoU {c}" for c in class_names) + " |")
+    lines = [head, "|---|---:|---:|---:|" + "---:|" * len(class_names)]
+    for r in rows:
+        s = r["mean_iou"]
+        per = " | ".join(f"{r['per_class_iou'][c]['mean']:.3f}" for c in class_names)
+        lines.append(
+            f"| {r['strategy']} | {r['trainable_params']:,} | {s['mean']:.3f} ± {s['std']:.3f} "
+            f"| {s['min']:.3f} - {s['max']:.3f} | {per} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_experiment(args) -> dict:
+    """Surgical fine-tuning under an input-level shift (Lee et al., ICLR 2023).
+
+    1. Split the data: a held-out test part (--validation-split, seeded by
+       --split-seed); of the rest, the last --adapt-pool images are reserved
+       for adaptation and the others pretrain the model on clean images
+       (skipped with --init).
+    2. For each seed: draw --shots images from the pool, corrupt them (and
+       the test images) with --corrupt, fine-tune the pretrained model with
+       each strategy, evaluate on the corrupted test images.
+    """
+    start = time.perf_counter()
+    seeds = _int_list(args.seeds)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    for spec in strategies:
+        parse_strategy(spec)
+    train_all, test = load_splits(args)
+    if len(train_all) < args.adapt_pool + 2:
+        raise seg_data.DataError(
+            f"{len(train_all)} training images are too few for an adaptation pool of "
+            f"{args.adapt_pool} and pretraining."
+        )
+    pretrain = train_all.subset(range(len(train_all) - args.adapt_pool))
+    pool = train_all.subset(range(len(train_all) - args.adapt_pool, len(train_all)))
+    out = args.output_dir
+    corruption = args.corruption
+
+    if args.init:
+        checkpoint = _checkpoint_path(args.init)
+        clean = None
+    else:
+        pre_args = argparse.Namespace(**{
+            **vars(args), "corruption": None, "epochs": args.pretrain_epochs,
+            "steps_per_epoch": args.pretrain_steps, "init": None,
+        })
+        clean = run_one(pre_args, "full", pretrain, test, os.path.join(out, "pretrain"),
+                        tag="pretrain (clean)")
+        checkpoint = clean["files"]["checkpoint"]
+
+    runs = {spec: [] for spec in strategies}
+    for seed in seeds:
+        shots = seg_data.select(pool, count=args.shots, seed=seed)
+        for spec in strategies:
+            run_args = argparse.Namespace(**{
+                **vars(args), "seed": seed, "init": checkpoint, "corruption": corruption,
+                "panel_images": args.panel_images if seed == seeds[0] else 0,
+            })
+            name = spec.replace(":", "_").replace("+", "-")
+            result = run_one(run_args, spec, shots, test,
+                             os.path.join(out, "adapt", f"{name}_seed{seed}"),
+                             tag=f"{spec} seed {seed}")
+            runs[spec].append(result)
+    rows = []
+    class_names = test.class_names
+    for spec in strategies:
+        results = runs[spec]
+        rows.append({
+            "strategy": spec,
+            "description": results[0]["description"],
+            "trainable_params": results[0]["trainable_params"],
+            "mean_iou": _stats([r["metrics"]["mean_iou"] for r in results]),
+            "pixel_accuracy": _stats([r["metrics"]["pixel_accuracy"] for r in results]),
+            "per_class_iou": {c: _stats([r["metrics"]["per_class_iou"][c] for r in results])
+                              for c in class_names},
+            "shots": [r["data"]["train_ids"] for r in results],
+            "mean_step_seconds": _stats([r["mean_step_seconds"] for r in results]),
+            "batchnorm_inference_layers": len(results[0]["batchnorm"]["frozen"]),
+        })
+    table = experiment_table(rows, class_names)
+    summary = {
+        "experiment": "surgical",
+        "protocol": {
+            "data": train_all.source, "image_size": args.image_size,
+            "pretrain_images": list(pretrain.ids), "adapt_pool": list(pool.ids),
+            "test_images": list(test.ids), "shots": args.shots, "seeds": seeds,
+            "corruption": str(corruption), "pretrain_epochs": args.pretrain_epochs,
+            "pretrain_steps_per_epoch": args.pretrain_steps, "adapt_epochs": args.epochs,
+            "adapt_steps_per_epoch": args.steps_per_epoch, "batch_size": args.batch_size,
+            "learning_rate": args.learning_rate, "bn_train": args.bn_train,
+            "backbone": args.backbone, "init": checkpoint,
+        },
+        "clean_test_metrics": clean["metrics"] if clean else None,
+        "rows": rows,
+        "table": table,
+        "wall_seconds": time.perf_counter() - start,
+    }
+    seg_metrics.write_json(os.path.join(out, "experiment.json"), summary)
+    seg_metrics.write_text(os.path.join(out, "experiment.md"), table)
+    first = {spec: runs[spec][0] for spec in strategies}
+    summary["panel"] = _experiment_panel(args, first, test, out)
+    if args.verbose:
+        if clean:
+            print(f"\nClean test images, pretrained model: {_metrics_line(clean['metrics'])}")
+        print(f"Corrupted test images ({corruption}), {args.shots} labelled corrupted "
+              f"image(s) per seed, seeds {seeds}:\n\n{table}")
+        print(f"Total {summary['wall_seconds'] / 60:.1f} min -> {out}")
+    return summary
+
+
+def _experiment_panel(args, first_runs, test, out):
+    """Corrupted test images, ground truth, and each strategy's prediction (first seed)."""
+    count = min(args.panel_images, len(test))
+    if count <= 0:
+        return None
+    subset = test.subset(range(count))
+    ds = seg_data.make_dataset(subset, batch_size=count, training=False,
+                               corruption=args.corruption, corrupt_seed=args.corrupt_seed)
+    images, masks = next(iter(ds))
+    columns = {"corrupted image": images.numpy(), "ground truth": masks.numpy()}
+    for spec, result in first_runs.items():
+        model = keras.models.load_model(result["files"]["checkpoint"], compile=False)
+        columns[spec] = np.argmax(model.predict_on_batch(images), axis=-1)
+    path = os.path.join(out, "experiment_panel.png")
+    ok = seg_metrics.save_panel(path, columns, num_classes=test.num_classes,
+                                title=f"test images, {args.corruption}")
+    return path if ok else None
+
+
+# --------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    """Runs the recipe; returns the results (the JSON written) as a dict."""
+    args = parse_args(argv)
+    if args.experiment:
+        return run_experiment(args)
+    train, val = load_splits(args)
+    lo, hi = args.train_slice
+    if lo is not None or hi is not None or args.train_examples is not None:
+        train = seg_data.select(train, lo, hi, count=args.train_examples, seed=args.seed)
+    if args.compare:
+        return run_compare(args, [s.strip() for s in args.compare.split(",")], train, val)
+    return run_one(args, args.strategy, train, val, args.output_dir)
+
+
+if __name__ == "__main__":
+    main()
