@@ -165,6 +165,10 @@ def save_delta(model, path) -> None:
     assert keras_peft.get_rules(restored) == keras_peft.get_rules(model)
     ```
     """
+    from keras_peft import tf_keras
+
+    if tf_keras.is_tf_keras_model(model):
+        return tf_keras.save_delta(model, path)
     _check_model(model, "save_delta")
     if getattr(model, "_peft_merged", None):
         raise ValueError(
@@ -391,6 +395,10 @@ def load_delta(model, path):
                                atol=1e-6)
     ```
     """
+    from keras_peft import tf_keras
+
+    if tf_keras.is_tf_keras_model(model):
+        return tf_keras.load_delta(model, path)
     _check_model(model, "load_delta")
     path = os.fspath(path)
     header, tensors = _read(path)

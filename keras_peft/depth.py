@@ -176,10 +176,13 @@ def model_blocks(model, block_names=None) -> Blocks:
     print(keras_peft.model_blocks(model))
     ```
     """
+    from keras_peft.model import variable_paths
+
     weights = model.weights
-    paths = [v.path for v in weights]
+    paths = variable_paths(model)
+    path_of = dict(zip((id(v) for v in weights), paths))
     head_ids = _head_ids(model)
-    head = [v.path for v in weights if head_ids is not None and id(v) in head_ids]
+    head = [path_of[id(v)] for v in weights if head_ids is not None and id(v) in head_ids]
     body = [p for p in paths if p not in set(head)]
 
     if block_names is not None:
@@ -205,7 +208,7 @@ def model_blocks(model, block_names=None) -> Blocks:
             layers = [layer for layer in model.layers if layer.weights]
             if head_ids is None and len(layers) >= 2:
                 head_layer = layers.pop()
-                head = [v.path for v in head_layer.weights]
+                head = [path_of[id(v)] for v in head_layer.weights]
                 body = [p for p in body if p not in set(head)]
             if len(layers) < 2:
                 raise BlockInferenceError(
@@ -219,7 +222,7 @@ def model_blocks(model, block_names=None) -> Blocks:
             for v in weights:
                 for i, s in enumerate(ids):
                     if id(v) in s:
-                        key_of[v.path] = i
+                        key_of[path_of[id(v)]] = i
                         break
             groups = [
                 _group(layer.name, [p for p in body if key_of.get(p) == i])

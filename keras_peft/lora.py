@@ -60,8 +60,12 @@ def lora_layer_paths(model) -> dict[str, keras.layers.Layer]:
     """`{layer path: layer}` for every built layer of `model` with built-in LoRA.
 
     In the order of `model.weights`; these are the paths `lora(targets=...)`
-    is matched against.
+    is matched against. For a tf.keras model: its `Embedding` and `Dense` layers.
     """
+    from keras_peft import tf_keras
+
+    if tf_keras.is_tf_keras_model(model):
+        return tf_keras.lora_layer_paths(model)
     layers = {}
     for layer in _compat.flatten_layers(model):
         if _compat.supports_lora(layer) and layer.built:
@@ -230,6 +234,10 @@ def lora(
     model.fit(np.ones((8, 8)), np.ones((8, 1)), epochs=1, verbose=0)
     ```
     """
+    from keras_peft import tf_keras
+
+    if tf_keras.is_tf_keras_model(model):
+        return tf_keras.lora(model, rank, alpha, targets, block_names=block_names, rest=rest)
     rank = _check_rank(rank)
     alpha = _check_alpha(alpha, rank)
     regex = _check_targets(targets)

@@ -119,19 +119,25 @@ def report(model: keras.Model, rules: Mapping[str, Rule] | None = None) -> Repor
     print(keras_peft.report(model, rules={".*bias": keras_peft.Rule(trainable=False)}))
     ```
     """
+    from keras_peft.model import variable_paths
+
     weights = model.weights
+    path_of = dict(zip((id(v) for v in weights), variable_paths(model)))
     if rules is None:
         plan = getattr(model, "_peft_plan", None)
         decisions = plan.by_path() if plan is not None else {}
         trainable_ids = {id(v) for v in model.trainable_weights}
         is_trainable = lambda v, d: id(v) in trainable_ids  # noqa: E731
     else:
-        from keras_peft import _compat
+        from keras_peft import _compat, tf_keras
 
-        plan = resolve([v.path for v in weights], rules)
+        plan = resolve([path_of[id(v)] for v in weights], rules)
         decisions = plan.by_path()
         trainable_ids = {id(v) for v in model.trainable_weights}
-        capable = _compat.trainable_capable(model)
+        if tf_keras.is_tf_keras_model(model):
+            capable = tf_keras.trainable_capable(model)
+        else:
+            capable = _compat.trainable_capable(model)
 
         def is_trainable(v, d):
             if d is not None and d.rule is not None and id(v) in capable:
@@ -140,7 +146,8 @@ def report(model: keras.Model, rules: Mapping[str, Rule] | None = None) -> Repor
 
     groups: dict[str, list] = {}
     for v in weights:
-        layer = v.path.rsplit("/", 1)[0] if "/" in v.path else v.path
+        path = path_of[id(v)]
+        layer = path.rsplit("/", 1)[0] if "/" in path else path
         groups.setdefault(layer, []).append(v)
 
     rows = []
@@ -149,7 +156,7 @@ def report(model: keras.Model, rules: Mapping[str, Rule] | None = None) -> Repor
         n = t = 0
         lr, gs, pats, notes = [], [], [], []
         for v in variables:
-            d = decisions.get(v.path)
+            d = decisions.get(path_of[id(v)])
             size = math.prod(v.shape)
             n += size
             pats.append(d.pattern if d is not None and d.pattern is not None else "-")

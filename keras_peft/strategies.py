@@ -199,8 +199,9 @@ def norm_tuning(model, *, block_names=None, rest=FROZEN) -> dict:
     ```
     """
     blocks = model_blocks(model, block_names)
+    path_of = dict(zip((id(v) for v in model.weights), _paths(model)))
     norm_paths = [
-        v.path
+        path_of[id(v)]
         for layer in _compat.flatten_layers(model)
         if type(layer).__name__ in _NORM_LAYERS
         for v in layer.trainable_weights
@@ -359,7 +360,9 @@ def combine(*rule_sets) -> dict:
 
 
 def _paths(model) -> list[str]:
-    return [v.path for v in model.weights]
+    from keras_peft.model import variable_paths
+
+    return variable_paths(model)
 
 
 def _exact(paths) -> str:
