@@ -23,15 +23,22 @@ def compute_loss(model, x, y, y_pred, sample_weight):
     )
 
 
-def track_loss(model, loss, x):
-    """Updates the `loss` metric that `fit` shows, exactly as Keras' step does."""
+def track_loss(model, loss, x, include=None):
+    """Updates the `loss` metric that `fit` shows, exactly as Keras' step does.
+
+    `include` (a scalar bool tensor, or None for always) leaves the batch out
+    of the running mean when False: a skipped non-finite step adds nothing.
+    """
     import tensorflow as tf
     from keras.src import tree
     from keras.src.losses import loss as loss_module
 
+    weight = tf.shape(next(i for i in tree.flatten(x) if i is not None))[0]
+    if include is not None:
+        loss = tf.where(include, loss, tf.zeros_like(loss))
+        weight = weight * tf.cast(include, weight.dtype)
     model._loss_tracker.update_state(
-        loss_module.unscale_loss_for_distribution(loss),
-        sample_weight=tf.shape(next(i for i in tree.flatten(x) if i is not None))[0],
+        loss_module.unscale_loss_for_distribution(loss), sample_weight=weight
     )
 
 
@@ -156,6 +163,35 @@ def own_state_variables(layer) -> list:
     return list(layer._non_trainable_variables)
 
 
+# --------------------------------------------------------------- checkpoints
+# Keras' weight files (`save_weights`, `BackupAndRestore`, the weights inside
+# a `.keras` file) are written by walking the model's attributes: every
+# `KerasSaveable` attribute gets a group with its `save_own_variables`. That
+# walk is how keras-peft adds its own state to those files; the base class
+# and the attribute-type names below are private.
+
+
+def keras_saveable_base():
+    """The base class of objects that Keras' weight files save and load."""
+    from keras.src.saving.keras_saveable import KerasSaveable
+
+    return KerasSaveable
+
+
+SAVEABLE_OBJ_TYPE = "Loss"
+"""An object type Keras accepts for a saveable (it selects which attributes the
+walk skips); keras-peft's state object has no attribute worth walking."""
+
+
+def seed_generators(layer) -> list:
+    """The `SeedGenerator`s a layer owns itself (Dropout's), whose states drive its randomness.
+
+    Their state variables are not among the layer's weights, so Keras' weight
+    files do not save them.
+    """
+    return list(getattr(layer, "_seed_generators", []))
+
+
 # ------------------------------------------------------- functional graphs
 # `keras_peft.cache_prefix` splits a functional model into a frozen prefix and
 # a trainable suffix. Keras has no public API to walk a functional graph node
@@ -226,3 +262,13 @@ def compile_arguments(model) -> dict | None:
     if not getattr(model, "compiled", False) or config is None:
         return None
     return dict(config.config)
+
+
+def build_metrics(model, data_batch) -> None:
+    """Builds the compiled metrics (and loss) from one batch, as `fit` would at its first step.
+
+    `Trainer._symbolic_build`: without a distribution strategy, Keras builds
+    them only when the train step is traced; restoring a resumed epoch's
+    running metrics needs their variables before that.
+    """
+    model._symbolic_build(data_batch=data_batch)

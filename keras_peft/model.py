@@ -25,9 +25,9 @@ from collections.abc import Iterable, Mapping
 import keras
 import tensorflow as tf
 
-from keras_peft import _compat
+from keras_peft import _compat, checkpoint, nonfinite
 from keras_peft.rules import Plan, Rule, normalize_rules, resolve
-from keras_peft.update import apply_scaled_gradients
+from keras_peft.update import apply_scaled_gradients, apply_scaled_gradients_if_finite
 
 __all__ = ["wrap", "unwrap", "is_wrapped", "variable_paths", "get_rules", "PeftModel"]
 
@@ -36,8 +36,24 @@ _CLASS_CACHE: dict[type, type] = {}
 
 
 def variable_paths(model: keras.Model) -> list[str]:
-    """The paths rules are matched against: `v.path` of every `model.weights` entry."""
+    """The paths rules are matched against, in the order of `model.weights`.
+
+    For a Keras 3 model, `v.path` of every variable. For a tf.keras (Keras 2)
+    model, the names of the layers from the model down to the variable's
+    layer, then its name without `:0` (see `keras_peft.tf_keras`).
+    """
+    if _tf_keras_model(model):
+        from keras_peft import tf_keras
+
+        return tf_keras.variable_paths(model)
     return [v.path for v in model.weights]
+
+
+def _tf_keras_model(model) -> bool:
+    # tf.keras (Keras 2) models are handled by keras_peft.tf_keras.
+    from keras_peft.tf_keras import is_tf_keras_model
+
+    return is_tf_keras_model(model)
 
 
 class PeftModel:
@@ -75,9 +91,16 @@ class PeftModel:
         _apply_policy(self, rules)
         _sync_optimizer(self)
 
+    @property
+    def peft_skipped_steps(self) -> int:
+        """Training steps skipped as non-finite (`wrap(..., skip_nonfinite=True)`), else 0."""
+        guard = getattr(self, "_peft_nonfinite", None)
+        return 0 if guard is None else int(guard.skipped.numpy())
+
     # -------------------------------------------------------------- training
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        guard = getattr(self, "_peft_nonfinite", None)  # skip_nonfinite=True
 
         # Forward pass
         with tf.GradientTape() as tape:
@@ -86,28 +109,40 @@ class PeftModel:
             else:
                 y_pred = self(x)
             loss = _compat.compute_loss(self, x, y, y_pred, sample_weight)
-            _compat.track_loss(self, loss, x)
+            finite = None if guard is None else tf.math.is_finite(loss)
+            _compat.track_loss(self, loss, x, include=finite)
             if self.optimizer is not None:
                 loss = self.optimizer.scale_loss(loss)
 
         # Compute gradients of the trainable variables only
         variables = self.trainable_weights
+        skipped = None
         if variables:
             gradients = tape.gradient(loss, variables)
 
             # Update weights, scaled per variable by the policy
             scales = [self._peft_scales.get(v.path, (1.0, 1.0)) for v in variables]
-            apply_scaled_gradients(
-                self.optimizer,
-                gradients,
-                variables,
-                lr_scales=[s[0] for s in scales],
-                grad_scales=[s[1] for s in scales],
-            )
+            update = dict(lr_scales=[s[0] for s in scales], grad_scales=[s[1] for s in scales])
+            if guard is None:
+                apply_scaled_gradients(self.optimizer, gradients, variables, **update)
+            else:  # the whole update is skipped if the loss or a gradient is not finite
+                applied, bad = apply_scaled_gradients_if_finite(
+                    self.optimizer, finite, gradients, variables, **update
+                )
+                skipped = guard.record(applied, bad)
         else:
             warnings.warn("The model does not have any trainable weights.", stacklevel=2)
 
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        if guard is None:
+            return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        # A non-finite batch leaves the metrics alone too (no NaN for the epoch).
+        logs = tf.cond(
+            finite,
+            lambda: dict(self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)),
+            lambda: dict(self.get_metrics_result()),
+        )
+        logs[nonfinite.LOG_KEY] = guard.skipped.read_value() if skipped is None else skipped
+        return logs
 
     def _peft_signature(self):
         return (self._peft_version, tuple(id(v) for v in self.trainable_weights))
@@ -130,7 +165,11 @@ class PeftModel:
             if self._peft_signature() != signature:
                 self.make_train_function(force=True)
                 return self.train_function(iterator)
-            return traced(iterator)
+            logs = traced(iterator)
+            guard = getattr(self, "_peft_nonfinite", None)
+            if guard is not None:
+                guard.check(self)  # stop_training after too many bad steps in a row
+            return logs
 
         train_function._peft_guarded = True
         self.train_function = train_function
@@ -141,17 +180,41 @@ class PeftModel:
         with _as_base_class(self):
             base = keras.saving.serialize_keras_object(self)
         base.pop("compile_config", None)  # the wrapped model's own is kept outside
-        return {
+        config = {
             "model": base,
             "rules": {p: r.get_config() for p, r in self._peft_rules.items()},
         }
+        guard = getattr(self, "_peft_nonfinite", None)
+        if guard is not None:
+            config["skip_nonfinite"] = guard.get_config()
+        return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         base = keras.saving.deserialize_keras_object(
             config["model"], custom_objects=custom_objects
         )
-        return wrap(base, config["rules"])
+        skip = config.get("skip_nonfinite")
+        if skip is None:
+            return wrap(base, config["rules"])
+        return wrap(base, config["rules"], skip_nonfinite=True,
+                    max_consecutive_nonfinite=skip["max_consecutive"])
+
+    # ------------------------------------------------------------ checkpoints
+    @property
+    def keras_peft_state(self):
+        """keras-peft's state in Keras weight files (`save_weights`, `BackupAndRestore`).
+
+        A saveable child of the model that Keras writes beside the layers and
+        reads before the optimizer (see `keras_peft.checkpoint`), so that the
+        rules, trainable flags, the optimizer's variable order, exact LoRA
+        adapters and dropout seeds survive `save_weights`/`load_weights`.
+        """
+        return checkpoint.PeftState(self)
+
+    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
+        super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
+        checkpoint.after_load(self)
 
 
 def _as_base_class(model):
@@ -207,10 +270,13 @@ def _check_model(model):
                 f"Cannot wrap model {model.name!r}: it has no weights yet. Build it "
                 "first (call it on a batch, or `model.build(input_shape)`), then wrap."
             )
+        from keras_peft.tf_keras import check_not_mixed
+
+        check_not_mixed(model)
         return
     raise TypeError(
-        "keras_peft.wrap expects a Keras 3 `keras.Model`. Received: "
-        f"{type(model).__module__}.{type(model).__name__}."
+        "keras_peft.wrap expects a Keras 3 `keras.Model` or a tf.keras (Keras 2) "
+        f"model. Received: {type(model).__module__}.{type(model).__name__}."
     )
 
 
@@ -280,7 +346,13 @@ def _apply_policy(model, rules) -> None:
     model._peft_version = getattr(model, "_peft_version", 0) + 1
 
 
-def wrap(model: keras.Model, rules: Mapping[str, Rule] | Iterable) -> keras.Model:
+def wrap(
+    model: keras.Model,
+    rules: Mapping[str, Rule] | Iterable,
+    *,
+    skip_nonfinite: bool | None = None,
+    max_consecutive_nonfinite: int | None = None,
+) -> keras.Model:
     """Applies a per-variable training policy to a Keras model, in place.
 
     Each pattern of `rules` is matched with `re.fullmatch` against every
@@ -294,8 +366,18 @@ def wrap(model: keras.Model, rules: Mapping[str, Rule] | Iterable) -> keras.Mode
     saved files. Wrapping an already wrapped model replaces its rules.
 
     Args:
-        model: a built Keras 3 model (TensorFlow backend).
+        model: a built Keras 3 model (TensorFlow backend), or a tf.keras (Keras 2)
+            model, a `tfrs.Model` included (see the page "tf.keras and TFRS").
         rules: ordered mapping `{regex: keras_peft.Rule}` (or a list of pairs).
+        skip_nonfinite: if True, a training step whose loss or any gradient
+            is NaN or infinite is skipped whole (weights and optimizer state,
+            `iterations` included, stay as they were) and counted in
+            `skipped_steps` in `fit`'s logs; see the page "Reliability".
+            `None` (default) keeps the model's current setting (off when
+            first wrapped). Saved with the model's config. Keras 3 models only.
+        max_consecutive_nonfinite: with `skip_nonfinite`, training stops
+            (`model.stop_training = True`, with a warning) after this many
+            non-finite steps in a row. Default 10.
 
     Returns:
         The same model object, now also an instance of `keras_peft.PeftModel`.
@@ -321,7 +403,17 @@ def wrap(model: keras.Model, rules: Mapping[str, Rule] | Iterable) -> keras.Mode
     print(keras_peft.report(model))
     ```
     """
+    if (skip_nonfinite or max_consecutive_nonfinite is not None) and _tf_keras_model(model):
+        raise ValueError(
+            "skip_nonfinite is available for Keras 3 models only; this is a tf.keras "
+            "(Keras 2) model. Received: skip_nonfinite=True."
+        )
+    if _tf_keras_model(model):
+        from keras_peft import tf_keras
+
+        return tf_keras.wrap(model, rules)
     _check_model(model)
+    nonfinite.check_args(model, skip_nonfinite, max_consecutive_nonfinite)
     if not isinstance(model, PeftModel):
         original = {id(v): v.trainable for v in model.weights}
         _apply_policy(model, rules)  # validates before anything else changes
@@ -329,6 +421,7 @@ def wrap(model: keras.Model, rules: Mapping[str, Rule] | Iterable) -> keras.Mode
         model.__class__ = _peft_class(model.__class__)
     else:
         _apply_policy(model, rules)
+    nonfinite.configure(model, skip_nonfinite, max_consecutive_nonfinite)
     model.train_function = None  # trace again with the policy at the next fit
     return model
 
@@ -337,13 +430,17 @@ def unwrap(model: keras.Model) -> keras.Model:
     """Undoes `wrap`: restores the model's class and variables' trainable flags."""
     if not isinstance(model, PeftModel):
         raise ValueError(f"Model {model.name!r} is not wrapped by keras_peft.")
+    if _tf_keras_model(model):
+        from keras_peft import tf_keras
+
+        return tf_keras.unwrap(model)
     original = model._peft_original_trainable
     for v in model.weights:
         if id(v) in original:
             v.trainable = original[id(v)]
     model.__class__ = model._peft_base_class
     for name in ("_peft_rules", "_peft_plan", "_peft_scales", "_peft_traced_signature",
-                 "_peft_version", "_peft_original_trainable"):
+                 "_peft_version", "_peft_original_trainable", "_peft_nonfinite"):
         model.__dict__.pop(name, None)
     model.train_function = None
     return model

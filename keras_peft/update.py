@@ -49,3 +49,64 @@ def apply_scaled_gradients(optimizer, grads, variables, lr_scales, grad_scales) 
     for v, old, s in before:
         new = tf.convert_to_tensor(v)
         v.assign(old + tf.cast(s, new.dtype) * (new - old))
+
+
+def _all_finite(grads):
+    checks = [
+        tf.reduce_all(tf.math.is_finite(g.values if isinstance(g, tf.IndexedSlices) else g))
+        for g in grads
+        if g is not None
+    ]
+    return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
+
+
+def _loss_scale(optimizer):
+    """The current dynamic loss scale of a LossScaleOptimizer, or None for any other optimizer."""
+    if getattr(optimizer, "inner_optimizer", None) is None:
+        return None
+    scale = getattr(optimizer, "dynamic_scale", None)  # Keras 3
+    if scale is None:
+        scale = getattr(optimizer, "loss_scale", None)  # tf.keras
+    return None if scale is None else tf.cast(tf.convert_to_tensor(scale), tf.float32)
+
+
+def apply_scaled_gradients_if_finite(
+    optimizer, loss_is_finite, grads, variables, lr_scales, grad_scales
+):
+    """`apply_scaled_gradients`, skipped as a whole when the loss or a gradient is not finite.
+
+    The update runs inside a `tf.cond`, so a skipped step leaves every
+    variable and every optimizer slot untouched, `optimizer.iterations`
+    included; it works eagerly, in a `tf.function` and under XLA.
+
+    With a LossScaleOptimizer, only a non-finite loss is held back here:
+    non-finite gradients still reach the optimizer, which skips the step
+    itself and lowers its loss scale, as it would without keras-peft.
+
+    Args:
+        optimizer: a Keras 3 or tf.keras optimizer.
+        loss_is_finite: scalar bool tensor, whether the (unscaled) loss is finite.
+        grads, variables, lr_scales, grad_scales: as for `apply_scaled_gradients`.
+
+    Returns:
+        `(applied, bad)`, scalar bool tensors: whether the update was applied,
+        and whether the step counts as non-finite (toward stopping training).
+        With a LossScaleOptimizer, an overflow while the scale is above 1 is
+        not applied but does not count as bad: lowering the scale is the cure.
+    """
+    grads = list(grads)
+    grads_finite = _all_finite(grads)
+    scale = _loss_scale(optimizer)
+    if scale is None:
+        run = tf.logical_and(loss_is_finite, grads_finite)
+        bad = tf.logical_not(run)
+    else:
+        run = loss_is_finite
+        overflow_at_scale_one = tf.logical_and(tf.logical_not(grads_finite), scale <= 1.0)
+        bad = tf.logical_or(tf.logical_not(loss_is_finite), overflow_at_scale_one)
+
+    def update():
+        apply_scaled_gradients(optimizer, grads, variables, lr_scales, grad_scales)
+
+    tf.cond(run, update, lambda: None)
+    return tf.logical_and(loss_is_finite, grads_finite), bad

@@ -1,0 +1,333 @@
+"""keras-peft's state inside Keras weight files, so that training resumes exactly.
+
+Keras' `model.save_weights` (which `keras.callbacks.BackupAndRestore` and
+`ModelCheckpoint(save_weights_only=True)` use) saves every layer's weights
+and the optimizer's variables, and `load_weights` puts them back by
+position. For a wrapped model that is not enough:
+
+- the **rules** and trainable flags are not in the file, so a resumed run
+  trains whatever its script wrapped, not what was training when the run
+  stopped (gradual unfreezing's stage, `set_rules` from a callback);
+- the **optimizer** is saved as a flat list of variables and restored by
+  index; when the set of trainable variables changed during training (the
+  optimizer was rebuilt with slots for unfrozen variables), the restored
+  optimizer has another layout, and Keras skips its state with a warning
+  (Adam's moments and `iterations` start again from zero) or, with the same
+  count, assigns slots to the wrong variables;
+- **LoRA** layers save their kernel merged with the adapters and zero both
+  adapters on load, which stops a LoRA run from training at all after a
+  resume (both adapters at zero get zero gradients);
+- **Dropout** seeds (`SeedGenerator` states) are not weights, so a resumed
+  run draws other dropout masks.
+
+Every wrapped model therefore has an attribute `keras_peft_state` that Keras'
+saving walk picks up like a layer: it is written to the same file under the
+group `keras_peft_state`, and it is read after the layers and before the
+optimizer. Loading it restores the rules and flags, rebuilds the optimizer
+with its saved variable order (so Keras then restores every slot), and puts
+the exact LoRA matrices and dropout seeds back. A plain Keras model ignores
+the group, so such files still load into an unwrapped model, and a file
+without the group (from an unwrapped model or an older keras_peft) loads
+into a wrapped one as before.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+import weakref
+
+import keras
+import numpy as np
+
+from keras_peft import _compat
+
+__all__ = ["PeftState", "after_load", "capture"]
+
+FORMAT = "keras_peft.state"
+FORMAT_VERSION = 1
+_STATE_KEY = "state"
+_SHOWN = 5
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class CheckpointMismatchError(ValueError):
+    """The keras-peft state in a weights file does not fit the model."""
+
+
+# ------------------------------------------------------------------ helpers
+def _inner(optimizer):
+    return getattr(optimizer, "inner_optimizer", None) or optimizer
+
+
+def _seed_entries(model) -> list[tuple[str, object]]:
+    """`(key, SeedGenerator)` for every seed generator owned by a layer of `model`."""
+    entries = []
+    for layer in _compat.flatten_layers(model):
+        for k, generator in enumerate(_compat.seed_generators(layer)):
+            entries.append((f"{layer.path or layer.name}#{k}", generator))
+    return entries
+
+
+def _lora_layers(model) -> list:
+    from keras_peft.lora import lora_layer_paths
+
+    return [
+        (path, layer)
+        for path, layer in lora_layer_paths(model).items()
+        if _compat.lora_adapters(layer) is not None
+    ]
+
+
+def _own_variables(layer) -> list:
+    return list(layer._trainable_variables) + list(layer._non_trainable_variables)
+
+
+# -------------------------------------------------------------------- save
+def capture(model) -> tuple[dict, list[np.ndarray]]:
+    """keras-peft's state of `model`: a JSON-able dict and the arrays it refers to."""
+    weights = model.weights
+    index = {id(v): i for i, v in enumerate(weights)}
+    tensors: list[np.ndarray] = []
+
+    def add(value) -> int:
+        tensors.append(np.array(keras.ops.convert_to_numpy(value)))
+        return len(tensors) - 1
+
+    optimizer = getattr(model, "optimizer", None)
+    order = None
+    if optimizer is not None and _inner(optimizer).built:
+        built_with = _inner(optimizer)._trainable_variables
+        if all(id(v) in index for v in built_with):
+            order = [index[id(v)] for v in built_with]
+
+    lora = []
+    for path, layer in _lora_layers(model):
+        own = [v for v in _own_variables(layer) if id(v) in index]
+        lora.append({
+            "layer": path,
+            "rank": int(layer.lora_rank),
+            "alpha": layer.lora_alpha,
+            "enabled": bool(layer.lora_enabled),
+            "values": {str(index[id(v)]): add(v) for v in own},
+        })
+    seeds = {key: add(generator.state) for key, generator in _seed_entries(model)}
+    guard = getattr(model, "_peft_nonfinite", None)
+    state = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "weights": [[v.path, list(v.shape)] for v in weights],
+        "trainable": [i for i, v in enumerate(weights) if v.trainable],
+        "rules": {p: r.get_config() for p, r in getattr(model, "_peft_rules", {}).items()},
+        "optimizer_order": order,
+        "lora": lora,
+        "merged": list(getattr(model, "_peft_merged", None) or []),
+        "seeds": seeds,
+        "nonfinite": None if guard is None else {
+            "skipped": int(guard.skipped.numpy()),
+            "consecutive": int(guard.consecutive.numpy()),
+        },
+    }
+    return state, tensors
+
+
+# -------------------------------------------------------------------- load
+def _map_weights(model, saved: list) -> list:
+    """The model's variable for each saved weight: by path, else by position and shape."""
+    weights = model.weights
+    by_path = {v.path: v for v in weights}
+    if all(p in by_path for p, _ in saved):
+        mapped = [by_path[p] for p, _ in saved]
+    elif len(saved) == len(weights) and all(
+        list(v.shape) == shape for v, (_, shape) in zip(weights, saved)
+    ):
+        # A model rebuilt from its config may name variables differently
+        # (a Sequential drops its own name): same structure, same order.
+        mapped = list(weights)
+    else:
+        missing = [p for p, _ in saved if p not in by_path]
+        raise CheckpointMismatchError(
+            f"The keras_peft state in this weights file was saved from a model with "
+            f"{len(saved)} variables; model {model.name!r} has {len(weights)}, and "
+            f"{len(missing)} saved paths are not in it (e.g. {missing[:_SHOWN]}). Build "
+            "the model exactly as it was when it was saved (the same layers and names, "
+            "and keras_peft.lora(...) again if it had adapters), then load."
+        )
+    bad = [
+        f"{v.path}: file {tuple(shape)}, model {tuple(v.shape)}"
+        for v, (_, shape) in zip(mapped, saved)
+        if list(v.shape) != list(shape)
+    ]
+    if bad:
+        raise CheckpointMismatchError(
+            f"The keras_peft state in this weights file does not fit model {model.name!r}: "
+            f"{len(bad)} variable(s) have another shape: {'; '.join(bad[:_SHOWN])}."
+        )
+    return mapped
+
+
+def _check_lora(model, state: dict, mapped: list) -> list:
+    """`[(layer, entry)]` for the saved adapters; raises if the model lacks them."""
+    owner = {}
+    for _, layer in _lora_layers(model):
+        for v in _own_variables(layer):
+            owner[id(v)] = layer
+    plan = []
+    for entry in state["lora"]:
+        indices = [int(i) for i in entry["values"]]
+        targets = {owner.get(id(mapped[i])) for i in indices}
+        layer = targets.pop() if len(targets) == 1 else None
+        if layer is None:
+            raise CheckpointMismatchError(
+                f"The weights file has LoRA adapters (rank {entry['rank']}) on layer "
+                f"{entry['layer']!r}, which has none in model {model.name!r}. Add them "
+                "before loading, as the training script did (keras_peft.lora(model, ...))."
+            )
+        if layer.lora_alpha != entry["alpha"]:
+            raise CheckpointMismatchError(
+                f"Layer {entry['layer']!r} has LoRA alpha {layer.lora_alpha} in model "
+                f"{model.name!r} but {entry['alpha']} in the weights file. Use the alpha "
+                "the checkpoint was trained with."
+            )
+        plan.append((layer, entry))
+    return plan
+
+
+def _rebuild_optimizer(model, variables: list) -> None:
+    """Gives `model` an optimizer built with exactly `variables`, in that order."""
+    optimizer = model.optimizer
+    inner = _inner(optimizer)
+    if inner.built and [id(v) for v in inner._trainable_variables] == [id(v) for v in variables]:
+        return
+    rebuilt = optimizer.__class__.from_config(optimizer.get_config())
+    with keras.name_scope(rebuilt.name, caller=rebuilt):
+        rebuilt.build(variables)
+    model.optimizer = rebuilt
+
+
+def restore(model, state: dict, tensors: list) -> None:
+    """Applies a `capture`d state to `model`; checks everything before changing anything."""
+    from keras_peft.model import _apply_policy
+    from keras_peft.rules import normalize_rules
+
+    if state.get("format") != FORMAT or not isinstance(state.get("version"), int):
+        raise CheckpointMismatchError(
+            "The keras_peft state in this weights file is damaged (unknown format "
+            f"{state.get('format')!r}). Save the checkpoint again."
+        )
+    if state["version"] > FORMAT_VERSION:
+        raise CheckpointMismatchError(
+            f"The keras_peft state in this weights file has format version "
+            f"{state['version']}; this keras_peft reads up to {FORMAT_VERSION}. Upgrade "
+            "keras_peft."
+        )
+    mapped = _map_weights(model, state["weights"])
+    rules = normalize_rules(state["rules"]) if state["rules"] else None
+    lora = _check_lora(model, state, mapped)
+    for _, entry in lora:
+        for i, t in entry["values"].items():
+            if tuple(tensors[t].shape) != tuple(mapped[int(i)].shape):
+                raise CheckpointMismatchError(
+                    f"The saved LoRA value of {mapped[int(i)].path!r} has shape "
+                    f"{tensors[t].shape}, the model's {tuple(mapped[int(i)].shape)}."
+                )
+    seeds = dict(_seed_entries(model))
+    seed_values = []
+    if set(seeds) == set(state["seeds"]):
+        seed_values = [(seeds[k].state, tensors[t]) for k, t in state["seeds"].items()]
+    elif len(seeds) == len(state["seeds"]):  # renamed layers: by position
+        seed_values = [
+            (g.state, tensors[t]) for g, t in zip(seeds.values(), state["seeds"].values())
+        ]
+    order = state.get("optimizer_order")
+    optimizer = getattr(model, "optimizer", None)
+
+    # Every check passed: change the model.
+    if rules is not None:
+        with warnings.catch_warnings():  # shadowed rules were reported when they were set
+            warnings.simplefilter("ignore")
+            _apply_policy(model, rules)
+    wanted = set(state["trainable"])
+    capable = _compat.trainable_capable(model)
+    for i, v in enumerate(mapped):
+        if id(v) in capable:
+            v.trainable = i in wanted
+    model._peft_version = getattr(model, "_peft_version", 0) + 1  # retrace the step
+    exact = []
+    for layer, entry in lora:
+        _compat.set_lora_enabled(layer, entry["enabled"])
+        exact.extend((mapped[int(i)], tensors[t]) for i, t in entry["values"].items())
+    exact.extend(seed_values)
+    for variable, value in exact:
+        variable.assign(value)
+    if state.get("merged") or getattr(model, "_peft_merged", None):
+        model._peft_merged = list(state.get("merged") or [])
+    # Layers loaded after this state (a subclassed model's attributes) would
+    # put the merged kernel and zero adapters back: `after_load` repeats this.
+    # (Set in __dict__: Keras would try to track the variables in the list.)
+    model.__dict__["_peft_exact_values"] = exact
+    guard = getattr(model, "_peft_nonfinite", None)
+    if guard is not None and state.get("nonfinite"):
+        guard.skipped.assign(state["nonfinite"]["skipped"])
+        guard.consecutive.assign(state["nonfinite"]["consecutive"])
+    if optimizer is not None and order is not None:
+        _rebuild_optimizer(model, [mapped[i] for i in order])
+    model.test_function = None  # traced with the old LoRA branch
+    model.predict_function = None
+
+
+def after_load(model) -> None:
+    """Called at the end of `load_weights`: re-applies the exact LoRA values and seeds."""
+    exact = model.__dict__.pop("_peft_exact_values", None)
+    for variable, value in exact or []:
+        variable.assign(value)
+
+
+# --------------------------------------------------------------- saveable
+class PeftState(_compat.keras_saveable_base()):
+    """The `keras_peft_state` attribute of a wrapped model (see the module docstring)."""
+
+    def __new__(cls, model):
+        state = _CACHE.get(model)
+        if state is None:  # one object per model: Keras' walk tells objects apart by id
+            state = super().__new__(cls)
+            state._model_ref = weakref.ref(model)
+            _CACHE[model] = state
+        return state
+
+    def __init__(self, model):
+        pass
+
+    def __repr__(self) -> str:
+        model = self._model_ref()
+        return f"<keras_peft state of model {getattr(model, 'name', None)!r}>"
+
+    def _obj_type(self):
+        return _compat.SAVEABLE_OBJ_TYPE
+
+    def save_own_variables(self, store):
+        model = self._model_ref()
+        state, tensors = capture(model)
+        store[_STATE_KEY] = np.frombuffer(json.dumps(state).encode("utf-8"), dtype=np.uint8)
+        for i, value in enumerate(tensors):
+            store[str(i)] = value
+
+    def load_own_variables(self, store):
+        if _STATE_KEY not in store:  # saved from an unwrapped model, or an older keras_peft
+            return
+        try:
+            raw = np.asarray(store[_STATE_KEY], dtype=np.uint8).tobytes()
+            state = json.loads(raw.decode("utf-8"))
+            tensors = [np.asarray(store[str(i)]) for i in range(_count(state))]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise CheckpointMismatchError(
+                f"The keras_peft state in this weights file is damaged ({e}). Save the "
+                "checkpoint again."
+            ) from None
+        restore(self._model_ref(), state, tensors)
+
+
+def _count(state: dict) -> int:
+    indices = [t for entry in state["lora"] for t in entry["values"].values()]
+    indices += list(state["seeds"].values())
+    return max(indices) + 1 if indices else 0

@@ -1,0 +1,179 @@
+"""keras-peft state in Keras weight files: rules, flags, optimizer layout, LoRA, seeds."""
+
+import contextlib
+
+import keras
+import numpy as np
+import pytest
+
+import keras_peft
+from keras_peft import Rule
+from tests.conftest import compile_fit, regression_data, snapshot, tiny_mlp
+
+
+def functional(seed=0, dropout=False):
+    """block_0 -> [Dropout] -> block_1 -> head, as a functional model (paths without prefix)."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(8, activation="tanh", name="block_0")(inputs)
+    if dropout:
+        h = keras.layers.Dropout(0.3, name="drop")(h)
+    h = keras.layers.Dense(8, activation="tanh", name="block_1")(h)
+    return keras.Model(inputs, keras.layers.Dense(1, name="head")(h), name="net")
+
+
+def optimizer_state(model):
+    return {v.path: np.array(v.numpy()) for v in model.optimizer.variables}
+
+
+def assert_equal_dicts(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+class Interrupt(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def fit(model, epochs, callbacks=()):
+    x, y = regression_data()
+    model.fit(x, y, batch_size=16, epochs=epochs, verbose=0, shuffle=False,
+              callbacks=list(callbacks))
+
+
+def interrupted_then_resumed(build, backup, epochs=4, stop_at=2, extra=lambda: []):
+    """Trains with Keras' BackupAndRestore, interrupted at `stop_at`, then resumed anew."""
+    with contextlib.suppress(KeyboardInterrupt):
+        fit(build(), epochs, [keras.callbacks.BackupAndRestore(backup), *extra(),
+                              Interrupt(stop_at)])
+    resumed = build()
+    fit(resumed, epochs, [keras.callbacks.BackupAndRestore(backup), *extra()])
+    return resumed
+
+
+def test_gradual_unfreezing_resumes_with_its_optimizer_slots(tmp_path):
+    """Without keras-peft's state, Keras skips the rebuilt optimizer's variables on load."""
+
+    def build():
+        model = keras_peft.wrap(tiny_mlp(widths=(8, 8, 8)), {".*": Rule()})
+        model.compile(optimizer=keras.optimizers.Adam(1e-2, name="adam"), loss="mse")
+        return model
+
+    def unfreeze():
+        return [keras_peft.gradual_unfreezing(every_epochs=1)]
+
+    reference = build()
+    fit(reference, 4, unfreeze())
+    resumed = interrupted_then_resumed(build, tmp_path / "b", extra=unfreeze)
+    assert_equal_dicts(snapshot(resumed), snapshot(reference))
+    assert_equal_dicts(optimizer_state(resumed), optimizer_state(reference))
+    assert int(resumed.optimizer.iterations) == 16
+
+
+def test_lora_adapters_survive_save_weights_exactly(tmp_path):
+    """Keras saves LoRA layers merged and zeroes the adapters on load; keras-peft keeps them."""
+
+    def build():
+        model = functional()
+        keras_peft.wrap(model, keras_peft.lora(model, rank=2, targets=r"block_\d"))
+        return model
+
+    model = build()
+    compile_fit(model, epochs=2)
+    model.save_weights(tmp_path / "w.weights.h5")
+    loaded = build()
+    loaded.load_weights(tmp_path / "w.weights.h5")
+    assert_equal_dicts(snapshot(loaded), snapshot(model))
+    assert np.abs(loaded.get_layer("block_0").lora_kernel_b.numpy()).max() > 0
+    # ... and the loaded model trains on exactly as the original does.
+    compile_fit(model, epochs=1)
+    compile_fit(loaded, epochs=1)
+    for a, b in zip(model.weights, loaded.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, err_msg=a.path)
+
+
+def test_lora_resume_matches_uninterrupted_run(tmp_path):
+    def build():
+        model = functional(dropout=True)
+        keras_peft.wrap(model, keras_peft.lora(model, rank=2, targets=r"block_\d"))
+        model.compile(optimizer=keras.optimizers.Adam(1e-2, name="adam"), loss="mse")
+        return model
+
+    reference = build()
+    fit(reference, 4)
+    resumed = interrupted_then_resumed(build, tmp_path / "b")
+    assert_equal_dicts(snapshot(resumed), snapshot(reference))  # dropout masks too
+
+
+def test_rules_and_flags_come_from_the_file_not_the_script(tmp_path):
+    model = keras_peft.wrap(tiny_mlp(), {r".*block_0/.*": Rule(trainable=False),
+                                         r".*head/.*": Rule(lr_scale=0.5)})
+    model.get_layer("block_1").bias.trainable = False  # set directly, outside the rules
+    model.save_weights(tmp_path / "w.weights.h5")
+    other = keras_peft.wrap(tiny_mlp(), {".*": Rule()})
+    other.load_weights(tmp_path / "w.weights.h5")
+    assert other.peft_rules == model.peft_rules
+    assert [v.trainable for v in other.weights] == [v.trainable for v in model.weights]
+    assert other.peft_plan.by_path()["mlp/head/kernel"].lr_scale == 0.5
+
+
+def test_saved_models_carry_exact_lora_and_the_optimizer_layout(tmp_path):
+    model = functional()
+    keras_peft.wrap(model, keras_peft.lora(model, rank=2, targets=r"block_\d"))
+    compile_fit(model, epochs=2)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert_equal_dicts(snapshot(loaded), snapshot(model))
+    assert_equal_dicts(optimizer_state(loaded), optimizer_state(model))
+
+
+def test_files_stay_compatible_with_plain_models(tmp_path):
+    wrapped = keras_peft.wrap(tiny_mlp(seed=1), {r".*block_0/.*": Rule(trainable=False)})
+    wrapped.save_weights(tmp_path / "wrapped.weights.h5")
+    plain = tiny_mlp()
+    plain.load_weights(tmp_path / "wrapped.weights.h5")  # the keras_peft group is ignored
+    assert_equal_dicts(snapshot(plain), snapshot(wrapped))
+
+    plain.save_weights(tmp_path / "plain.weights.h5")  # no keras_peft group: loads as before
+    target = keras_peft.wrap(tiny_mlp(seed=2), {r".*head/.*": Rule(trainable=False)})
+    target.load_weights(tmp_path / "plain.weights.h5")
+    assert_equal_dicts(snapshot(target), snapshot(wrapped))
+    assert set(target.peft_rules) == {r".*head/.*"}
+
+
+def test_state_that_does_not_fit_raises_a_clear_error(tmp_path):
+    model = functional()
+    keras_peft.wrap(model, keras_peft.lora(model, rank=2, targets=r"block_\d"))
+    model.save_weights(tmp_path / "w.weights.h5")
+    without_lora = keras_peft.wrap(functional(), {".*": Rule()})
+    before = [(v.path, v.trainable) for v in without_lora.weights]
+    with pytest.raises(ValueError, match=(
+            r"(?s)keras_peft state of model 'net'.*saved from a model with 10 variables; model "
+            r"'net' has 6, and 4 saved paths are not in it \(e.g. \['block_0/lora_kernel_a'.*"
+            r"keras_peft.lora\(...\) again if it had adapters")):
+        without_lora.load_weights(tmp_path / "w.weights.h5")
+    assert [(v.path, v.trainable) for v in without_lora.weights] == before
+    assert set(without_lora.peft_rules) == {".*"}
+
+    other_alpha = functional()
+    keras_peft.wrap(other_alpha, keras_peft.lora(other_alpha, rank=2, alpha=8,
+                                                 targets=r"block_\d"))
+    with pytest.raises(ValueError, match=r"LoRA alpha 8 in model 'net' but 2 in the weights"):
+        other_alpha.load_weights(tmp_path / "w.weights.h5")
+
+
+def test_skipped_step_counter_is_saved(tmp_path):
+    model = keras_peft.wrap(tiny_mlp(), {".*": Rule()}, skip_nonfinite=True)
+    model._peft_nonfinite.skipped.assign(7)
+    model.save_weights(tmp_path / "w.weights.h5")
+    other = keras_peft.wrap(tiny_mlp(), {".*": Rule()}, skip_nonfinite=True)
+    other.load_weights(tmp_path / "w.weights.h5")
+    assert other.peft_skipped_steps == 7
+
