@@ -30,8 +30,9 @@ from keras_peft.rules import DuplicatePathError, PolicyError, normalize_rules, r
 __all__ = ["DeltaError", "DeltaFileError", "DeltaMismatchError", "load_delta", "save_delta"]
 
 FORMAT = "keras_peft.delta"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the metadata has its own checksum (_METADATA_DIGEST_KEY)
 _METADATA_KEY = "keras_peft"
+_METADATA_DIGEST_KEY = "keras_peft_sha256"
 _SHOWN = 5  # how many mismatches an error lists
 
 
@@ -107,8 +108,20 @@ def _lora_record(model) -> list[dict]:
     return record
 
 
+def _text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def _write(tensors: dict, path: str, metadata: dict) -> None:
-    """Writes atomically: a temp file in the same folder, then `os.replace`."""
+    """Writes atomically: a temp file in the same folder, then `os.replace`.
+
+    The keras_peft metadata (rules, LoRA ranks and alphas, shapes) gets a
+    SHA-256 of its own, beside the one of the tensors inside it, so that a
+    damaged header cannot load as other rules or another LoRA scale.
+    """
+    metadata = dict(metadata)
+    if _METADATA_KEY in metadata:
+        metadata[_METADATA_DIGEST_KEY] = _text_digest(metadata[_METADATA_KEY])
     with atomic_path(path) as tmp:
         safetensors.numpy.save_file(tensors, tmp, metadata=metadata)
 
@@ -227,12 +240,20 @@ def _read(path: str) -> tuple[dict, dict]:
             f"{_METADATA_KEY!r} metadata; keys: {sorted(metadata)[:_SHOWN]}). Write "
             "deltas with keras_peft.save_delta."
         )
+    text, digest = metadata[_METADATA_KEY], metadata.get(_METADATA_DIGEST_KEY)
+    if digest is not None and _text_digest(text) != digest:
+        raise DeltaFileError(
+            f"{what}: its keras_peft metadata does not match the checksum it was saved "
+            "with; the file is corrupted. Save it again with keras_peft.save_delta."
+        )
     try:
-        header = json.loads(metadata[_METADATA_KEY])
+        header = json.loads(text)
         if header.get("format") != FORMAT:
             raise ValueError(f"format {header.get('format')!r}")
         version = header["version"]
         declared = header["variables"]
+        if not isinstance(declared, dict):
+            raise TypeError(f"variables is a {type(declared).__name__}")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise DeltaFileError(f"{what}: its keras_peft metadata is damaged ({e}).") from None
     if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -241,16 +262,27 @@ def _read(path: str) -> tuple[dict, dict]:
             f"versions up to {FORMAT_VERSION}. Upgrade keras_peft (the file was "
             f"written by keras_peft {header.get('keras_peft_version')})."
         )
+    if version >= 2 and digest is None:
+        raise DeltaFileError(
+            f"{what}: the checksum of its keras_peft metadata is missing; the file is "
+            "damaged. Save it again with keras_peft.save_delta."
+        )
     if set(declared) != set(tensors):
         raise DeltaFileError(
             f"{what}: its metadata lists other variables than it holds "
             f"(e.g. {sorted(set(declared) ^ set(tensors))[:_SHOWN]}); it is damaged."
         )
-    bad = [
-        p
-        for p, a in tensors.items()
-        if list(a.shape) != list(declared[p]["shape"]) or a.dtype.name != declared[p]["dtype"]
-    ]
+    try:
+        bad = [
+            p
+            for p, a in tensors.items()
+            if list(a.shape) != list(declared[p]["shape"])
+            or a.dtype.name != declared[p]["dtype"]
+        ]
+        if header.get("rules"):
+            normalize_rules(header["rules"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise DeltaFileError(f"{what}: its keras_peft metadata is damaged ({e}).") from None
     if bad or _digest(tensors) != header.get("sha256"):
         raise DeltaFileError(
             f"{what}: its contents do not match the checksum it was saved with "

@@ -154,10 +154,15 @@ class Rule:
 
     @classmethod
     def from_config(cls, config: Mapping) -> Rule:
+        if not isinstance(config, Mapping):
+            raise ValueError(
+                "A Rule config must be a dict such as {'trainable': False}. "
+                f"Received: {config!r} (type {type(config).__name__})."
+            )
         unknown = set(config) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(
-                f"Unknown Rule option(s) {sorted(unknown)}. Expected some of "
+                f"Unknown Rule option(s) {sorted(unknown, key=repr)}. Expected some of "
                 f"'trainable', 'lr_scale', 'grad_scale', 'note'. Received: {dict(config)!r}."
             )
         return cls(**config)

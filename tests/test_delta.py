@@ -46,7 +46,7 @@ def test_lora_delta_round_trip_restores_predictions_rules_and_flags(tmp_path):
     meta, keys = header(path)
     trained = sorted(v.path for v in model.trainable_weights)
     assert keys == trained  # only the adapters and the head, by path
-    assert meta["format"] == "keras_peft.delta" and meta["version"] == 1
+    assert meta["format"] == "keras_peft.delta" and meta["version"] == 2
     assert meta["lora"] == [
         {"layer": "mlp/block_0", "rank": 2, "alpha": 4},
         {"layer": "mlp/block_1", "rank": 2, "alpha": 4},
