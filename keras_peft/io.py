@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pathlib
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -54,7 +55,10 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[str]
     """Yields a temporary path to write; on success it is renamed over `path`.
 
     The temporary file lives in the same folder as `path` (a rename across
-    file systems would not be atomic) and is named `.<name>.<random>.tmp`.
+    file systems would not be atomic) and keeps its extensions, so writers
+    that check them accept it (`model.save` wants `.keras`,
+    `save_weights` wants `.weights.h5`): `model.keras` is written as
+    `.model.tmp-<random>.keras`.
     If the block raises, the temporary file is removed, `path` is not
     touched, and the exception propagates. If the process dies inside the
     block, `path` is not touched either; only the temporary file may remain.
@@ -78,7 +82,10 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[str]
             f"Cannot write {path!r}: its folder {folder!r} does not exist. Create it first "
             "(os.makedirs(folder, exist_ok=True))."
         )
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    name = os.path.basename(path)
+    suffix = "".join(pathlib.PurePath(name).suffixes)
+    stem = name[: len(name) - len(suffix)] if suffix else name
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.tmp-", suffix=suffix, dir=folder)
     os.close(fd)
     try:
         yield tmp

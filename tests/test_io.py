@@ -77,7 +77,8 @@ def test_sigkill_mid_write_keeps_previous_file(tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert path.read_text() == "previous"
     leftovers = [n for n in os.listdir(tmp_path) if n != "out.txt"]
-    assert len(leftovers) == 1 and leftovers[0].startswith(".out.txt.")  # only the temp file
+    assert len(leftovers) == 1  # only the temp file, named after the destination
+    assert leftovers[0].startswith(".out.tmp-") and leftovers[0].endswith(".txt")
 
 
 def test_save_delta_killed_mid_write_keeps_previous_delta(tmp_path):
@@ -132,3 +133,16 @@ def test_save_delta_failure_mid_write_keeps_previous_delta(tmp_path, monkeypatch
         keras_peft.save_delta(tiny_mlp(seed=3), path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["run.safetensors"]
+
+
+def test_temporary_file_keeps_the_extensions_writers_check(tmp_path):
+    """Keras refuses to save to a name without `.keras` / `.weights.h5`."""
+    model = tiny_mlp()
+    with atomic_path(tmp_path / "model.keras") as tmp:
+        assert tmp.endswith(".keras")
+        model.save(tmp)
+    with atomic_path(tmp_path / "model.weights.h5") as tmp:
+        assert os.path.basename(tmp).startswith(".model.tmp-") and tmp.endswith(".weights.h5")
+        model.save_weights(tmp)
+    assert sorted(os.listdir(tmp_path)) == ["model.keras", "model.weights.h5"]
+    tiny_mlp(seed=1).load_weights(tmp_path / "model.weights.h5")
