@@ -300,6 +300,8 @@ def load_tfds(spec: str, image_size: int, *, split: str, max_examples: int | Non
         )
     import tensorflow_datasets as tfds
 
+    print(f"Loading {spec} ({split}) with tensorflow-datasets; the first use downloads it "
+          "(about 800 MB). Offline, pass --data FOLDER or --data synthetic.")
     try:
         ds = tfds.load(name, split=split, shuffle_files=False)
     except Exception as error:  # network, quota, disk: say what to do instead

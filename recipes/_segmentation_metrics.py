@@ -25,6 +25,7 @@ __all__ = [
     "confusion_matrix",
     "evaluate",
     "metrics_from_confusion",
+    "save_figure",
     "save_panel",
     "write_json",
     "write_text",
@@ -104,7 +105,12 @@ def evaluate(model, dataset, num_classes: int, class_names=None, *, keep: int = 
 
 # ----------------------------------------------------------------- outputs
 def atomic_write(path: str, write) -> None:
-    """Calls `write(tmp_path)`, then renames the temporary file onto `path`."""
+    """Calls `write(tmp_path)`, then renames the temporary file onto `path`.
+
+    The temporary file keeps `path`'s extension (`model.save` needs
+    `.keras`), and the result gets the usual permissions (umask), not
+    mkstemp's private 0600.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     suffix = os.path.splitext(path)[1]
@@ -112,11 +118,18 @@ def atomic_write(path: str, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str, text: str) -> None:
@@ -128,12 +141,8 @@ def write_text(path: str, text: str) -> None:
 
 
 def write_json(path: str, data) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, default=_json_default)
-            f.write("\n")
-
-    atomic_write(path, write)
+    text = json.dumps(data, indent=2, default=_json_default) + "\n"  # fails before writing
+    write_text(path, text)
 
 
 def _json_default(value):
@@ -181,6 +190,28 @@ def save_panel(path: str, columns: dict, *, num_classes: int, title: str = "") -
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=72))
+    save_figure(path, fig)
     plt.close(fig)
     return True
+
+
+def save_figure(path: str, fig, dpi: int = 72) -> None:
+    """Writes a matplotlib figure to `path` atomically, as a small palette PNG."""
+    atomic_write(path, lambda tmp: _save_small_png(fig, tmp, dpi))
+
+
+def _save_small_png(fig, path, dpi, colors=64):
+    """A palette PNG: a few times smaller than matplotlib's RGBA."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format="png")
+    try:
+        from PIL import Image
+    except ImportError:  # matplotlib's own PNG then
+        with open(path, "wb") as f:
+            f.write(buffer.getvalue())
+        return
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        image.convert("RGB").quantize(colors=colors).save(path, format="PNG", optimize=True)

@@ -68,18 +68,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Fine-tune a segmentation model (keras-hub encoder + decoder) with a "
         "keras-peft strategy.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")
     g.add_argument("--data", default=DEFAULT_DATA,
-                   help="tfds:oxford_iiit_pet (downloads), 'synthetic', or a folder with "
-                   "image/N.png + label/N.png")
+                   help="tfds:oxford_iiit_pet (the default; downloads), 'synthetic', or a "
+                   "folder with image/N.png + label/N.png")
     g.add_argument("--validation-data", default=None,
                    help="a folder (same layout) to validate on instead of a split")
     g.add_argument("--validation-split", type=float, default=None,
-                   help="fraction held out for validation (folders and synthetic; default "
-                   "0.2, with --experiment 0.25: 6 of ISBI's 24 images)")
-    g.add_argument("--split-seed", type=int, default=0, help="seed of the validation split")
+                   help="fraction held out for validation, for folders and synthetic (default "
+                   "0.2; with --experiment 0.25, 6 of ISBI's 24 images)")
+    g.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the validation split (default 0)")
     g.add_argument("--train-range", default=None, metavar="A:B",
                    help="use only images A..B-1 of the training part (after the split)")
     g.add_argument("--train-examples", type=int, default=None, metavar="N",
@@ -87,59 +87,72 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--max-examples", type=int, default=None,
                    help="load at most this many images (per split for tfds)")
     g.add_argument("--mask-values", default=None,
-                   help="comma-separated mask values, one per class (default: sorted "
+                   help="comma-separated mask values, one per class (default: the sorted "
                    "distinct values found)")
     g.add_argument("--class-names", default=None, help="comma-separated class names")
-    g.add_argument("--image-size", type=int, default=128, help="images are resized to this")
+    g.add_argument("--image-size", type=int, default=128,
+                   help="images are resized to this square size (default 128)")
     g.add_argument("--crop-size", type=int, default=None,
                    help="random training crops (default: 3/4 of --image-size, a multiple of "
                    "the encoder's stride; 0 = no crop)")
     g.add_argument("--no-flip", action="store_true", help="no random flips in training")
     g.add_argument("--corrupt", default=None,
-                   help="gaussian_noise:SIGMA | blur:SIGMA | contrast:FACTOR (inputs only, "
-                   "training and validation)")
+                   help="gaussian_noise:SIGMA | blur:SIGMA | contrast:FACTOR, on inputs only, "
+                   "training and validation (default none; gaussian_noise:0.2 with "
+                   "--experiment)")
     g.add_argument("--corrupt-seed", type=int, default=0,
-                   help="seed of the corruption draws (fixed per image)")
+                   help="seed of the corruption draws, fixed per image (default 0)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=("unet", "deeplabv3"), default="unet")
+    g.add_argument("--model", choices=("unet", "deeplabv3"), default="unet",
+                   help="U-Net-style decoder (default) or keras-hub's DeepLabV3")
     g.add_argument("--backbone", default=seg_model.DEFAULT_BACKBONE,
                    help="keras-hub preset or local preset folder, or a random-init config: "
-                   f"{', '.join(seg_model.BACKBONE_CONFIGS)}")
+                   f"{', '.join(seg_model.BACKBONE_CONFIGS)} (default "
+                   f"{seg_model.DEFAULT_BACKBONE}; offline it falls back to "
+                   f"{seg_model.FALLBACK_BACKBONE})")
     g.add_argument("--init", default=None, metavar="CHECKPOINT",
                    help="start from a model.keras (or an output folder) an earlier run wrote")
     g = p.add_argument_group("training")
-    g.add_argument("--strategy", default="full", help="see the module docstring")
+    g.add_argument("--strategy", default="full",
+                   help="none, full (default), decoder, head_only, surgical[:B+B...], "
+                   "top_layers:K, bitfit, norm_tuning, llrd:DECAY, lora:RANK, auto[:BUDGET]")
     g.add_argument("--compare", default=None,
                    help="comma-separated strategies to run on the same data")
     g.add_argument("--bn-train", action="store_true",
                    help="BatchNorm layers of frozen blocks use and update batch statistics")
-    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--epochs", type=int, default=10, help="default 10")
     g.add_argument("--steps-per-epoch", type=int, default=None,
-                   help="default: one pass over the training images")
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--learning-rate", type=float, default=1e-3)
-    g.add_argument("--seed", type=int, default=0)
+                   help="default: one pass over the training images (10 with --experiment)")
+    g.add_argument("--batch-size", type=int, default=8, help="default 8")
+    g.add_argument("--learning-rate", type=float, default=1e-3, help="Adam; default 1e-3")
+    g.add_argument("--seed", type=int, default=0,
+                   help="weights, shuffling, augmentation, --train-examples (default 0)")
     g.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
                    help="default: on when TensorFlow sees a GPU")
     g.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=None,
                    help="XLA; default: on when TensorFlow sees a GPU")
     g = p.add_argument_group("output")
-    g.add_argument("--output-dir", default="runs/segmentation")
+    g.add_argument("--output-dir", default="runs/segmentation",
+                   help="default runs/segmentation")
     g.add_argument("--panel-images", type=int, default=3,
-                   help="validation images in panel.png (0: none)")
+                   help="validation images in panel.png (default 3; 0: none)")
     g.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
-                   help="0 silent, 1 progress bars, 2 one line per epoch")
+                   help="0 silent, 1 progress bars (default), 2 one line per epoch")
     g = p.add_argument_group("experiment (--experiment surgical)")
     g.add_argument("--experiment", choices=("surgical",), default=None,
                    help="pretrain on clean images, adapt to corrupted ones with a few labels, "
                    "compare strategies over seeds")
-    g.add_argument("--seeds", default="0,1,2")
-    g.add_argument("--strategies", default=EXPERIMENT_STRATEGIES)
-    g.add_argument("--shots", type=int, default=2, help="labelled corrupted images to adapt on")
+    g.add_argument("--seeds", default="0,1,2", help="default 0,1,2")
+    g.add_argument("--strategies", default=EXPERIMENT_STRATEGIES,
+                   help=f"default {EXPERIMENT_STRATEGIES}")
+    g.add_argument("--shots", type=int, default=2,
+                   help="labelled corrupted images to adapt on (default 2)")
     g.add_argument("--adapt-pool", type=int, default=4,
-                   help="training images reserved (never pretrained on) to draw shots from")
-    g.add_argument("--pretrain-epochs", type=int, default=60)
-    g.add_argument("--pretrain-steps", type=int, default=10, help="steps per pretraining epoch")
+                   help="training images reserved (never pretrained on) to draw shots from "
+                   "(default 4)")
+    g.add_argument("--pretrain-epochs", type=int, default=60, help="default 60")
+    g.add_argument("--pretrain-steps", type=int, default=10,
+                   help="steps per pretraining epoch (default 10)")
     args = p.parse_args(argv)
     _check_args(p, args)
     return args
@@ -565,7 +578,7 @@ def _save_compare_chart(path, results):
     ax.set_xlabel("trainable parameters (log)")
     ax.set_ylabel("validation mean IoU")
     fig.tight_layout()
-    seg_metrics.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80))
+    seg_metrics.save_figure(path, fig, dpi=80)
     plt.close(fig)
     return path
 
@@ -601,16 +614,31 @@ def _stats(values):
     }
 
 
+def paired_difference(values, reference) -> dict | None:
+    """Per-seed differences `values[i] - reference[i]` (same seed, same shots)."""
+    if reference is None or len(values) != len(reference):
+        return None
+    diffs = [v - r for v, r in zip(values, reference)]
+    return {**_stats(diffs), "better": sum(d > 0 for d in diffs)}
+
+
 def experiment_table(rows: list[dict], class_names) -> str:
+    """Markdown: mean IoU over seeds, per-class IoU, and the paired difference to `full`."""
     head = ("| strategy | trainable params | mean IoU (mean ± std) | min - max | "
-            + " | ".join(f"IoU {c}" for c in class_names) + " |")
-    lines = [head, "|---|---:|---:|---:|" + "---:|" * len(class_names)]
+            + " | ".join(f"IoU {c}" for c in class_names)
+            + " | vs full, same seed (mean ± std) | better than full |")
+    lines = [head, "|---|---:|---:|---:|" + "---:|" * len(class_names) + "---:|---:|"]
     for r in rows:
         s = r["mean_iou"]
         per = " | ".join(f"{r['per_class_iou'][c]['mean']:.3f}" for c in class_names)
+        d = r.get("vs_full")
+        if d is None or r["strategy"] == "full":
+            paired = "- | -"
+        else:
+            paired = f"{d['mean']:+.3f} ± {d['std']:.3f} | {d['better']} of {d['n']} seeds"
         lines.append(
             f"| {r['strategy']} | {r['trainable_params']:,} | {s['mean']:.3f} ± {s['std']:.3f} "
-            f"| {s['min']:.3f} - {s['max']:.3f} | {per} |"
+            f"| {s['min']:.3f} - {s['max']:.3f} | {per} | {paired} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -669,13 +697,16 @@ def run_experiment(args) -> dict:
             runs[spec].append(result)
     rows = []
     class_names = test.class_names
+    full_ious = [r["metrics"]["mean_iou"] for r in runs["full"]] if "full" in runs else None
     for spec in strategies:
         results = runs[spec]
+        ious = [r["metrics"]["mean_iou"] for r in results]
         rows.append({
             "strategy": spec,
             "description": results[0]["description"],
             "trainable_params": results[0]["trainable_params"],
-            "mean_iou": _stats([r["metrics"]["mean_iou"] for r in results]),
+            "mean_iou": _stats(ious),
+            "vs_full": paired_difference(ious, full_ious),
             "pixel_accuracy": _stats([r["metrics"]["pixel_accuracy"] for r in results]),
             "per_class_iou": {c: _stats([r["metrics"]["per_class_iou"][c] for r in results])
                               for c in class_names},
@@ -684,6 +715,11 @@ def run_experiment(args) -> dict:
             "batchnorm_inference_layers": len(results[0]["batchnorm"]["frozen"]),
         })
     table = experiment_table(rows, class_names)
+    if clean:
+        table = (f"Pretrained model on the clean test images: mean IoU "
+                 f"{clean['metrics']['mean_iou']:.3f}. On the corrupted test images "
+                 f"({corruption}), after adapting on {args.shots} labelled corrupted image(s), "
+                 f"seeds {', '.join(map(str, seeds))}:\n\n" + table)
     summary = {
         "experiment": "surgical",
         "protocol": {
@@ -708,8 +744,7 @@ def run_experiment(args) -> dict:
     if args.verbose:
         if clean:
             print(f"\nClean test images, pretrained model: {_metrics_line(clean['metrics'])}")
-        print(f"Corrupted test images ({corruption}), {args.shots} labelled corrupted "
-              f"image(s) per seed, seeds {seeds}:\n\n{table}")
+        print(f"\n{table}")
         print(f"Total {summary['wall_seconds'] / 60:.1f} min -> {out}")
     return summary
 
@@ -726,7 +761,7 @@ def _experiment_panel(args, first_runs, test, out):
     columns = {"corrupted image": images.numpy(), "ground truth": masks.numpy()}
     for spec, result in first_runs.items():
         model = keras.models.load_model(result["files"]["checkpoint"], compile=False)
-        columns[spec] = np.argmax(model.predict_on_batch(images), axis=-1)
+        columns[spec] = np.argmax(np.asarray(model(images, training=False)), axis=-1)
     path = os.path.join(out, "experiment_panel.png")
     ok = seg_metrics.save_panel(path, columns, num_classes=test.num_classes,
                                 title=f"test images, {args.corruption}")

@@ -288,3 +288,11 @@ def test_noise_on_gray_images_is_gray():
     clean, _ = _batches(colour, None)
     delta = noisy - clean
     assert not np.allclose(delta[..., 0], delta[..., 1])
+
+
+def test_outputs_get_the_usual_permissions(tmp_path):
+    path = str(tmp_path / "results.json")
+    seg_metrics.write_json(path, {"a": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask
