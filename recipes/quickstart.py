@@ -3,6 +3,7 @@
 Run it with `make demo` (which sets up .venv) or directly:
 
     python recipes/quickstart.py [--epochs 10] [--seed 0] [--batch-size 64]
+                                 [--resume DIR] [--no-skip-nonfinite]
 
 Both tasks are synthetic and generated deterministically with numpy. A fixed
 random "teacher" network maps 32-dimensional inputs to a 2-D feature `z`
@@ -19,12 +20,21 @@ learning rate and trains the head at the full rate. The script prints
 `keras_peft.report(model)`, task B's validation accuracy before and after
 fine-tuning, the trainable/total parameter counts and the wall time.
 
+Reliability (see docs/reliability.md): fine-tuning skips non-finite steps
+(`skip_nonfinite=True`, turn off with `--no-skip-nonfinite`), and with
+`--resume DIR` it backs up to DIR after every epoch; run the same command
+again after a crash and fine-tuning resumes where the backup was taken,
+ending exactly as an uninterrupted run would (pretraining, deterministic for
+a seed, simply runs again). The fine-tuning batches are shuffled in an
+order fixed by the seed and the epoch, so a resumed run sees the same ones.
+
 `main(argv)` returns the same numbers as a dict, so tests can import it.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 
@@ -99,6 +109,35 @@ def build_model() -> keras.Model:
     return keras.Model(inputs, outputs, name="classifier")
 
 
+class EpochShuffled(keras.utils.PyDataset):
+    """Batches of `(x, y)` in an order that depends only on the seed and the epoch.
+
+    Keras' own `shuffle=True` draws each epoch's order from a random state
+    that depends on how many epochs this process has run, so a run resumed
+    from a backup would see other batches than the one it replaces. The
+    `on_epoch_begin` callback below sets the epoch (the true one, also after
+    a resume) before Keras reads the epoch's first batch.
+    """
+
+    def __init__(self, x, y, batch_size: int, seed: int):
+        super().__init__()
+        self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.order = np.random.default_rng([self.seed, epoch]).permutation(len(self.x))
+
+    def callback(self) -> keras.callbacks.Callback:
+        return keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: self.set_epoch(e))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def __getitem__(self, i: int):
+        rows = self.order[i * self.batch_size : (i + 1) * self.batch_size]
+        return self.x[rows], self.y[rows]
+
+
 def compile_model(model: keras.Model, learning_rate: float) -> None:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
@@ -128,6 +167,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data and weights (default 0)")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    parser.add_argument(
+        "--resume", metavar="DIR", help="back up fine-tuning to DIR every epoch, and resume "
+        "from DIR if an earlier run was interrupted (deleted when fine-tuning completes)")
+    parser.add_argument(
+        "--skip-nonfinite", action=argparse.BooleanOptionalAction, default=True,
+        help="skip fine-tuning steps with a NaN/Inf loss or gradient (default on)")
     return parser.parse_args(argv)
 
 
@@ -152,7 +197,7 @@ def main(argv=None) -> dict:
     print(f"task A validation accuracy: {acc_a:.3f}\n")
 
     # 2. Wrap it with the fine-tuning policy and look at what will train.
-    model = keras_peft.wrap(model, rules=RULES)
+    model = keras_peft.wrap(model, rules=RULES, skip_nonfinite=args.skip_nonfinite)
     table = keras_peft.report(model)
     print(f"{table}\n")
 
@@ -162,13 +207,17 @@ def main(argv=None) -> dict:
     bottom_before = [v.numpy() for v in model.get_layer("bottom").weights]
     print(f"Fine-tuning on task B ({len(data['xb']):,} examples, {args.epochs} epochs)...")
     tuned_at = time.perf_counter()
+    batches = EpochShuffled(data["xb"], data["yb"], args.batch_size, args.seed)
+    callbacks = [batches.callback()]
+    if args.resume:  # first, so that the others see the restored state
+        callbacks.insert(0, keras_peft.BackupAndRestore(args.resume))
     model.fit(
-        data["xb"],
-        data["yb"],
+        batches,
         validation_data=(data["xb_val"], data["yb_val"]),
         epochs=args.epochs,
-        batch_size=args.batch_size,
+        shuffle=False,  # `batches` shuffles; Keras would reorder them with its own random state
         verbose=2,
+        callbacks=callbacks,
     )
     finetune_s = time.perf_counter() - tuned_at
     after = accuracy(model, data["xb_val"], data["yb_val"])
@@ -193,6 +242,7 @@ def main(argv=None) -> dict:
         "trainable_params": table.trainable_params,
         "total_params": table.total_params,
         "bottom_frozen": bottom_frozen,
+        "skipped_steps": model.peft_skipped_steps,
         "wall_time_s": wall_s,
         "finetune_time_s": finetune_s,
     }
