@@ -132,3 +132,9 @@ from keras_peft.backup import BackupAndRestore  # noqa: E402
 from keras_peft.checkpoint import CheckpointMismatchError  # noqa: E402
 
 __all__ += ["BackupAndRestore", "CheckpointMismatchError", "io"]
+
+# tf.keras (Keras 2) and TensorFlow Recommenders models (docs/tf-keras.md).
+from keras_peft import tf_keras  # noqa: E402
+from keras_peft.tf_keras import MixedKerasError, require_legacy_keras  # noqa: E402
+
+__all__ += ["MixedKerasError", "require_legacy_keras", "tf_keras"]

@@ -122,7 +122,7 @@ def require_legacy_keras(what: str = "tensorflow-recommenders") -> None:
 
     tensorflow-recommenders (and other Keras 2 code written against
     `tf.keras`) needs `TF_USE_LEGACY_KERAS=1` in the environment before
-    TensorFlow is first imported; setting it later has no effect.
+    `tf.keras` is first used; the safe place is before TensorFlow is imported.
     """
     if legacy_keras_active():
         return
@@ -131,8 +131,8 @@ def require_legacy_keras(what: str = "tensorflow-recommenders") -> None:
         f"{what} needs `tf.keras` to be Keras 2 (the tf_keras package), but in this "
         f"process `tf.keras` is Keras {keras.__version__}"
         + (
-            ": TF_USE_LEGACY_KERAS=1 was set after TensorFlow had been imported, "
-            "which is too late"
+            ": TF_USE_LEGACY_KERAS=1 was set after `tf.keras` had been loaded (TensorFlow "
+            "decides what `tf.keras` is the first time something uses it), which is too late"
             if late
             else " because TF_USE_LEGACY_KERAS is not set"
         )

@@ -4,6 +4,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# tf.keras is Keras 2 (tf_keras) in the test process, so that tensorflow-recommenders
+# imports; `import keras` stays Keras 3. It must be set before TensorFlow is first
+# imported. keras_peft itself works either way (tests/test_tf_keras.py checks a
+# process without it).
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import keras
 import numpy as np
