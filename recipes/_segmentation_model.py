@@ -199,7 +199,9 @@ class UNetSegmenter(keras.Model):
         *skip_maps, x = features(x)
         strides = [s for s, _ in skips]
         for filters, stride in zip(decoder_filters, [*reversed(strides), 1]):
-            x = keras.layers.UpSampling2D(2, interpolation="bilinear",
+            # float32 even under mixed precision: XLA rejects the float16
+            # gradient of a bilinear resize ("mixed precision is disallowed").
+            x = keras.layers.UpSampling2D(2, interpolation="bilinear", dtype="float32",
                                           name=f"decoder_s{stride}_up")(x)
             if stride > 1:
                 skip = skip_maps[strides.index(stride)]

@@ -471,6 +471,8 @@ def run_one(args, strategy: str, train, val, output_dir: str, *, tag: str = "") 
         say(f"Strategy {strategy}: {description}.")
     report = keras_peft.report(model)
     groups = group_table(model)
+    if rules is None:  # nothing trained, whatever the flags say
+        groups = [{**g, "trainable_params": 0} for g in groups]
     keep = max(0, args.panel_images)
     metrics, kept = seg_metrics.evaluate(model, val_ds, val.num_classes, val.class_names,
                                          keep=keep, verbose=1 if verbose == 1 else 0)

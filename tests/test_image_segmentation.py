@@ -84,6 +84,18 @@ def test_deeplabv3_encoder_blocks_neck_and_head():
     assert model(np.zeros((1, 32, 32, 3), "float32")).shape == (1, 32, 32, 3)
 
 
+def test_mixed_precision_with_xla_trains(mixed_precision):
+    # The GPU default: float16 compute, float32 logits, XLA.
+    model = fresh_unet()
+    assert model.get_layer("segmentation_logits").compute_dtype == "float32"
+    rules, _ = recipe.strategy_rules(model, "surgical")
+    keras_peft.wrap(model, rules)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=recipe._loss(), jit_compile=True)
+    x = np.random.default_rng(0).random((2, 32, 32, 3)).astype("float32")
+    history = model.fit(x, np.ones((2, 32, 32), "int32"), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
 def test_checkpoint_round_trip(tmp_path):
     model = fresh_unet()
     path = str(tmp_path / "model.keras")
@@ -219,6 +231,7 @@ def test_main_trains_writes_outputs_and_chains_with_init(tmp_path):
                                 "--panel-images", "0", "--output-dir", str(tmp_path / "b")])
     none, surgical = out["results"]
     assert none["trainable_params"] == 0 and none["training"]["history"] == {}
+    assert all(g["trainable_params"] == 0 for g in none["groups"])
     # no training: the metrics are those of the --init model on the same images
     assert none["metrics"]["mean_iou"] == none["metrics_before"]["mean_iou"]
     assert surgical["data"]["train_images"] == 2

@@ -296,3 +296,18 @@ def test_outputs_get_the_usual_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_validation_folder_replaces_the_split(tmp_path):
+    import image_segmentation as recipe
+
+    make_folder(str(tmp_path / "train"), n=4, size=8)
+    make_folder(str(tmp_path / "val"), n=2, size=8, seed=1)
+    args = recipe.parse_args(["--data", str(tmp_path / "train"), "--validation-data",
+                              str(tmp_path / "val"), "--image-size", "8"])
+    train, val = recipe.load_splits(args)
+    assert len(train) == 4 and len(val) == 2  # nothing held out of the training folder
+    make_folder(str(tmp_path / "val3"), n=2, size=8, values=(0, 128, 255))
+    args.validation_data = str(tmp_path / "val3")
+    with pytest.raises(seg_data.DataError, match="--validation-data has 3 classes"):
+        recipe.load_splits(args)
