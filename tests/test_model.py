@@ -154,7 +154,8 @@ def test_duplicate_variable_paths_raise():
 def test_unbuilt_model_and_wrong_type_raise():
     with pytest.raises(ValueError, match="has no weights yet. Build it first"):
         keras_peft.wrap(keras.Sequential([keras.layers.Dense(2)]), {".*": Rule()})
-    with pytest.raises(TypeError, match="expects a Keras 3 `keras.Model` or a tf.keras .*Received: builtins.str"):
+    with pytest.raises(TypeError,
+                       match="Keras 3 `keras.Model` or a tf.keras .*Received: builtins.str"):
         keras_peft.wrap("model", {".*": Rule()})
 
 
