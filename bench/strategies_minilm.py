@@ -35,6 +35,9 @@ import keras_peft
 from keras_peft import Rule
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "recipes"))
+from _text_classifier import build_classifier  # noqa: E402  (recipes/, shared with the recipe)
+
 SST2 = os.path.join(HERE, "..", "..", "shared", "data", "sst2", "train.tsv")
 STRATEGIES = ["full", "head_only", "top_layers:2", "bitfit", "lora:8", "llrd:0.8", "auto"]
 # Learning rates usual for each kind of strategy (few trained parameters -> larger rate).
@@ -51,20 +54,11 @@ def load_sst2(path, n_train, n_eval, seed=0):
     return pick(order[:n_train]), pick(order[n_train:n_train + n_eval])
 
 
-def build_model(preset, seed):
-    import keras_hub
-
+def build_model(preset, seed, sequence_length):
+    """The recipe's mean-pooling classifier (no dropout, token ids in: the pipeline tokenizes)."""
     keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.BertBackbone.from_preset(preset)
-    inputs = backbone.input
-    sequence = backbone(inputs)["sequence_output"]
-    mask = keras.ops.expand_dims(keras.ops.cast(inputs["padding_mask"], sequence.dtype), -1)
-    pooled = keras.ops.sum(sequence * mask, axis=1) / keras.ops.maximum(
-        keras.ops.sum(mask, axis=1), 1.0)
-    logits = keras.layers.Dense(2, name="logits")(pooled)
-    model = keras.Model(inputs, logits, name="minilm_mean_pool_classifier")
-    model.backbone = backbone  # lets model_blocks tell the head from the backbone
-    return model
+    return build_classifier(preset, 2, pooling="mean", sequence_length=sequence_length,
+                            dropout=0.0, preprocessor=False)
 
 
 def rules_for(strategy, model, train_ds):
@@ -119,7 +113,7 @@ def run(strategy, args, preset, train, held_out):
 
     train_ds = dataset(*train, shuffle=True)
     eval_ds = dataset(*held_out, shuffle=False)
-    model = build_model(preset, args.seed)
+    model = build_model(preset, args.seed, args.sequence_length)
     rules = rules_for(strategy, model, train_ds)
     keras_peft.wrap(model, rules)
     rep = keras_peft.report(model)

@@ -624,7 +624,7 @@ def main(argv=None) -> dict:
     previous_policy = keras.mixed_precision.dtype_policy().name
     if mixed:
         keras.mixed_precision.set_global_policy("mixed_float16")
-    results = []
+    results, comparison = [], None
     try:
         for strategy in strategies:
             if len(strategies) > 1:
@@ -634,6 +634,8 @@ def main(argv=None) -> dict:
                                             settings))
             except PresetLoadError as e:
                 raise SystemExit(f"error: {e}") from None
+            if args.compare:  # after every run: a long comparison cut short keeps its table
+                comparison = write_comparison(results, args, data, pooling, settings)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
@@ -647,22 +649,26 @@ def main(argv=None) -> dict:
               f"{os.sep}results.json", flush=True)
     if not args.compare:
         return results[0]
+    print("\n" + comparison["table"] + (f"\n{comparison['goal']}" if comparison["goal"] else ""))
+    print(f"comparison: {comparison['table_path']}, {comparison['chart']}", flush=True)
+    return {"runs": results, "settings": settings, **comparison}
 
+
+def write_comparison(results: list[dict], args, data: TextData, pooling: str,
+                     settings: dict) -> dict:
+    """Writes comparison.md, comparison.json and comparison.png for the runs so far."""
     table = comparison_table(results)
     goal = goal_check(results)
     title = (f"{args.preset}, {args.data}: {len(data.train):,} training / "
              f"{len(data.validation):,} validation examples, {args.epochs} epoch(s), "
              f"pooling {pooling}, sequence length {results[0]['sequence_length']}")
-    write_text(os.path.join(args.output_dir, "comparison.md"),
-               f"{title}\n\n{table}" + (f"\n{goal}\n" if goal else ""))
+    table_path = os.path.join(args.output_dir, "comparison.md")
+    write_text(table_path, f"{title}\n\n{table}" + (f"\n{goal}\n" if goal else ""))
     write_json(os.path.join(args.output_dir, "comparison.json"),
                {"settings": settings, "runs": results})
     chart = os.path.join(args.output_dir, "comparison.png")
     comparison_chart(results, chart, title)
-    print("\n" + table + (f"\n{goal}" if goal else ""))
-    print(f"comparison: {os.path.join(args.output_dir, 'comparison.md')}, {chart}", flush=True)
-    return {"runs": results, "table": table, "goal": goal, "chart": chart,
-            "settings": settings}
+    return {"table": table, "goal": goal, "table_path": table_path, "chart": chart}
 
 
 if __name__ == "__main__":

@@ -239,6 +239,17 @@ def test_cli_errors_are_clear(argv, message, sentiment_file):
         recipe.main(argv)
 
 
+def test_unreachable_tfds_download_fails_fast_or_falls_back(monkeypatch, tmp_path):
+    def refuse(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr("socket.create_connection", refuse)
+    why = recipe.tfds_unreachable("tfds:glue/sst2")
+    assert why is not None and why.startswith("glue/sst2 is not prepared") and "no network" in why
+    with pytest.raises(SystemExit, match="use a local CSV/TSV file, e.g. --data"):
+        recipe.main(["--data", "tfds:glue/sst2", "--output-dir", str(tmp_path)])
+
+
 # ------------------------------------------------------------------- slow
 @pytest.mark.slow
 def test_minilm_on_sst2_beats_chance(tmp_path):
