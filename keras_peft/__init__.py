@@ -129,9 +129,8 @@ __all__ += [
 # Reliability: exact resume, atomic writes, non-finite steps (docs/reliability.md).
 from keras_peft import io  # noqa: E402 (each block of this file imports after the last)
 from keras_peft.backup import BackupAndRestore  # noqa: E402
-from keras_peft.checkpoint import CheckpointMismatchError  # noqa: E402
 
-__all__ += ["BackupAndRestore", "CheckpointMismatchError", "io"]
+__all__ += ["BackupAndRestore", "io"]
 
 # tf.keras (Keras 2) and TensorFlow Recommenders models (docs/tf-keras.md).
 from keras_peft import tf_keras  # noqa: E402
