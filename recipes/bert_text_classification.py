@@ -88,7 +88,6 @@ STRATEGIES = ("full", "head_only", "top_layers:K", "bitfit", "lora:RANK", "llrd:
 # relative gradient norm (at most 1), so its base rate is high too.
 LEARNING_RATES = {"full": 5e-5, "llrd": 1e-4, "top_layers": 1e-4, "gradual": 1e-4,
                   "auto": 1e-3, "bitfit": 1e-3, "lora": 1e-3, "head_only": 1e-2}
-WARMUP_STEPS_EXCLUDED = 1  # the first step traces (and with XLA compiles) the train function
 
 
 # ---------------------------------------------------------------- strategies
@@ -211,12 +210,20 @@ def _peak_rss_mb() -> float:
 
 
 class StepTimer(keras.callbacks.Callback):
-    """Wall time of every training step, and the largest resident memory seen at a step end."""
+    """Wall time of every training step, and the largest resident memory seen at a step end.
+
+    A step that traced (and with XLA compiled) the train function is marked:
+    the first one, and the first after each change of the model's rules
+    (`gradual` unfreezes a block: the wrapped model retraces). Mean and median
+    leave those out.
+    """
 
     def __init__(self):
         super().__init__()
         self.times: list[float] = []
+        self.traced: list[bool] = []
         self.peak_rss_mb = 0.0
+        self._version = None
 
     def on_train_batch_begin(self, batch, logs=None):
         self._start = time.perf_counter()
@@ -224,17 +231,21 @@ class StepTimer(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         # Keras hands this (synchronous) callback numpy logs: the step has finished.
         self.times.append(time.perf_counter() - self._start)
+        version = keras_peft.get_rules(self.model) if keras_peft.is_wrapped(self.model) else None
+        self.traced.append(not self.times[:-1] or version != self._version)
+        self._version = version
         rss = _rss_mb()
         if rss is not None:
             self.peak_rss_mb = max(self.peak_rss_mb, rss)
 
     def summary(self) -> dict:
-        steps = self.times[WARMUP_STEPS_EXCLUDED:] or self.times
+        steps = [t for t, traced in zip(self.times, self.traced) if not traced] or self.times
         return {
             "steps": len(self.times),
             "mean_step_s": statistics.fmean(steps) if steps else None,
             "median_step_s": statistics.median(steps) if steps else None,
             "first_step_s": self.times[0] if self.times else None,
+            "traced_steps": sum(self.traced),
             "step_times_s": [round(t, 4) for t in self.times],
         }
 
@@ -480,8 +491,9 @@ def run_strategy(strategy: Strategy, args, data: TextData, preset: str, pooling:
         "val_accuracy": float(val_accuracy),
         "val_loss": float(val_loss),
         **steps,
-        "step_time_note": f"mean/median exclude the first {WARMUP_STEPS_EXCLUDED} step(s) "
-                          "(tracing and compiling)",
+        "step_time_note": "mean/median leave out the steps that traced (and with XLA "
+                          "compiled) the train function: the first, and the first after each "
+                          "change of rules (gradual)",
         "train_time_s": train_time,
         "wall_time_s": time.perf_counter() - start,
         "train_peak_rss_mb": timer.peak_rss_mb or None,

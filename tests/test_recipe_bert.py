@@ -179,6 +179,23 @@ def test_every_strategy_freezes_the_unused_pooler_under_mean_pooling(spec):
         assert keras_peft.report(model).trainable_fraction <= 0.5
 
 
+def test_step_timer_leaves_out_steps_that_retraced():
+    from tests.conftest import tiny_mlp
+
+    model = keras_peft.wrap(tiny_mlp(), {".*": keras_peft.Rule()})
+    timer = recipe.StepTimer()
+    timer.set_model(model)
+    for step in range(5):
+        if step == 3:  # e.g. GradualUnfreezing at a stage change
+            model.set_rules({".*block_0/.*": keras_peft.Rule(trainable=False),
+                             ".*": keras_peft.Rule()})
+        timer.on_train_batch_begin(step)
+        timer.on_train_batch_end(step)
+    assert timer.traced == [True, False, False, True, False]
+    summary = timer.summary()
+    assert summary["steps"] == 5 and summary["traced_steps"] == 2
+
+
 # ------------------------------------------------------------ end to end
 def test_compare_runs_writes_results_deltas_table_and_chart(tiny_preset, sentiment_file,
                                                              tmp_path, capsys):
