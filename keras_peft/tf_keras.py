@@ -352,22 +352,31 @@ class TfKerasPeftModel(PeftModel):
         return (self._peft_version, tuple(id(v) for v in self.trainable_weights))
 
     def make_train_function(self, force=False):
-        if not force and getattr(self.train_function, "_peft_guarded", False):
-            return self.train_function
+        # tf.keras asks for the train function once per `fit`; trainability is
+        # compared there, not at every step (listing tf.keras' trainable weights
+        # walks every layer, too slow for each step). Note that during `fit`
+        # tf.keras puts layers' `trainable` flags back to their state at
+        # `compile()`: a changed `layer.trainable` needs `compile()` again, as in
+        # tf.keras itself; `set_rules` needs nothing.
+        current = self.train_function
         signature = self._peft_signature()
+        guarded = getattr(current, "_peft_guarded", False)
+        if not force and guarded and current._peft_signature == signature:
+            return current
         _sync_optimizer(self)
         self._peft_base_class.make_train_function(self, force=True)
         traced = self.train_function
+        version = self._peft_version
 
         def train_function(*args, **kwargs):
-            # Trainability or rules changed since tracing: trace again rather
-            # than silently train the old set of variables.
-            if self._peft_signature() != signature:
+            # `set_rules` (from a callback, say) takes effect at the next step.
+            if self._peft_version != version:
                 self.make_train_function(force=True)
                 return self.train_function(*args, **kwargs)
             return traced(*args, **kwargs)
 
         train_function._peft_guarded = True
+        train_function._peft_signature = signature
         self.train_function = train_function
         return train_function
 

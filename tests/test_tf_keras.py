@@ -199,6 +199,30 @@ def test_batchnorm_statistics_are_never_trainable_and_keep_updating():
     assert np.array_equal(model.get_layer("bn").gamma.numpy(), gamma)
 
 
+def test_trainability_is_checked_once_per_fit_not_per_step(monkeypatch):
+    """Listing tf.keras' trainable weights walks every layer: never do it every step."""
+    calls = []
+    original = keras_peft.tf_keras.TfKerasPeftModel._peft_signature
+    monkeypatch.setattr(keras_peft.tf_keras.TfKerasPeftModel, "_peft_signature",
+                        lambda self: calls.append(1) or original(self))
+    model = keras_peft.wrap(mlp(), {r"body/.*": Rule(trainable=False)})
+    model.compile(optimizer="adam", loss="mse")
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    model.fit(x, x[:, :1], batch_size=4, epochs=2, verbose=0)  # 32 steps
+    assert len(calls) <= 2
+    # set_rules between fits takes effect without compile(); a layer's
+    # `trainable` flag needs compile() again, as in tf.keras itself.
+    model.set_rules({r"head/.*": Rule(trainable=False)})
+    head = model.get_layer("head").kernel.numpy().copy()
+    model.fit(x, x[:, :1], batch_size=4, epochs=1, verbose=0)
+    assert np.array_equal(model.get_layer("head").kernel.numpy(), head)
+    model.set_rules({".*": Rule()})
+    model.get_layer("head").trainable = False
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x, x[:, :1], batch_size=4, epochs=1, verbose=0)
+    assert np.array_equal(model.get_layer("head").kernel.numpy(), head)
+
+
 def test_legacy_optimizer_and_set_rules():
     model = keras_peft.wrap(mlp(), {r"body/.*": Rule(trainable=False)})
     model.compile(optimizer=tf_keras.optimizers.legacy.Adam(1e-2), loss="mse")
