@@ -24,9 +24,9 @@ refuses, with an error that says what to change, when
 - the prefix would apply dropout or noise, or run `BatchNormalization` on
   batch statistics (`NondeterministicPrefixError`): a frozen Keras layer
   still applies dropout in `fit`. `inference_prefix=True` runs the prefix in
-  inference mode instead (dropout off, moving statistics), which is what
-  Keras' transfer-learning guide does with `base_model(x, training=False)`,
-  but changes training, so it must be asked for;
+  inference mode instead (dropout off, moving statistics), what Keras'
+  transfer-learning guide means by `base_model(x, training=False)`, but it
+  changes training, so it must be asked for;
 - the prefix contains a random augmentation layer, or the data pipeline draws
   random numbers (random augmentation in a `map`) (`NondeterministicDataError`):
   a cached activation would freeze one random draw per example.
@@ -378,10 +378,10 @@ def _copy_policy(source, target) -> None:
         for pattern, rule in get_rules(source).items()
         if any(re.fullmatch(pattern, p) for p in paths)
     }
-    if rules:
+    if rules and not (is_wrapped(target) and get_rules(target) == rules):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # shadowed rules were reported for `source`
-            wrap(target, rules)
+            wrap(target, rules)  # (again only when the rules changed: wrap retraces)
 
 
 def _layer_names(graph: _Graph) -> list[str]:
@@ -792,8 +792,8 @@ def _check_determinism(split: PrefixSplit, inference_prefix: bool) -> None:
         raise NondeterministicPrefixError(
             f"The prefix is not deterministic in training mode: {'; '.join(problems)}. "
             "Pass inference_prefix=True to run the frozen prefix in inference mode (dropout "
-            "off, BatchNorm on moving statistics), as Keras' transfer-learning guide does "
-            "with base_model(x, training=False); this changes training, so it is not the "
+            "off, BatchNorm on moving statistics), what Keras' transfer-learning guide "
+            "means by base_model(x, training=False); this changes training, so it is not the "
             "default. split_prefix(model).joined(inference_prefix=True) trains the same way "
             "without caching."
         )

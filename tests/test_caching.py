@@ -255,3 +255,54 @@ def test_fit_refuses_when_the_prefix_became_trainable_or_nothing_is_compiled():
     model.set_rules(keras_peft.full(model))
     with pytest.raises(PrefixError, match=r"become trainable.*block_0"):
         cache.fit(verbose=0)
+
+
+# ------------------------------------------------------- the real checkpoint
+@pytest.mark.slow
+def test_minilm_cached_top_layers_equal_uncached_inference_mode_training():
+    from keras_peft.pretrained import minilm_path
+
+    try:
+        preset = minilm_path(download=False)
+    except FileNotFoundError:
+        pytest.skip("all-MiniLM-L6-v2 is not in the cache")
+    import keras_hub
+
+    preprocessor = keras_hub.models.BertTextClassifierPreprocessor.from_preset(
+        preset, sequence_length=16)
+    dataset = tf.data.Dataset.from_tensor_slices((TEXTS, LABELS)).batch(10)
+
+    def model():
+        keras.utils.set_random_seed(0)
+        m = keras_hub.models.BertTextClassifier.from_preset(
+            preset, num_classes=2, preprocessor=preprocessor)
+        keras_peft.wrap(m, keras_peft.top_layers(m, 2))
+        return compile_ce(m)
+
+    cached_model = model()
+    cache = cache_prefix(cached_model, dataset, inference_prefix=True, verbose=0)
+    assert cache.split.cut == ("padding_mask", "transformer_layer_3")
+    assert cache.x["transformer_layer_3"].shape == (30, 16, 384)
+    cache.fit(epochs=2, batch_size=10, shuffle=False, verbose=0)
+
+    uncached_model = model()
+    joined = compile_ce(split_prefix(uncached_model).joined(inference_prefix=True))
+    joined.fit(dataset.map(uncached_model.preprocess_samples), epochs=2, shuffle=False, verbose=0)
+    a, b = snapshot(cached_model), snapshot(uncached_model)
+    assert max_difference(a, b) < 1e-4
+    start = snapshot(model())
+    moved = {p for p in a if not np.array_equal(a[p], start[p])}
+    assert moved and all(p.startswith(("transformer_layer_4", "transformer_layer_5",
+                                       "pooled_dense", "logits")) for p in moved)
+
+
+def test_fit_twice_keeps_the_compiled_suffix():
+    x, y = regression_data()
+    model = compile_mse(mlp())
+    keras_peft.wrap(model, {r".*head/.*": Rule(lr_scale=0.5), r".*block_.*": Rule(trainable=False)})
+    cache = cache_prefix(model, x, y, verbose=0)
+    cache.fit(epochs=1, verbose=0)
+    traced = cache.suffix.train_function
+    cache.fit(epochs=1, verbose=0)
+    assert cache.suffix.train_function is traced
+    assert keras_peft.get_rules(cache.suffix) == {r".*head/.*": Rule(lr_scale=0.5)}
