@@ -136,11 +136,14 @@ class PeftModel:
         if guard is None:
             return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         # A non-finite batch leaves the metrics alone too (no NaN for the epoch).
-        logs = tf.cond(
-            finite,
-            lambda: dict(self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)),
-            lambda: dict(self.get_metrics_result()),
-        )
+        try:
+            logs = tf.cond(
+                finite,
+                lambda: dict(self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)),
+                lambda: dict(self.get_metrics_result()),
+            )
+        except Exception:  # a custom compute_metrics whose outputs differ (a real error recurs)
+            logs = dict(self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
         logs[nonfinite.LOG_KEY] = guard.skipped.read_value() if skipped is None else skipped
         return logs
 

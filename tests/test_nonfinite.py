@@ -217,3 +217,20 @@ def test_bad_options_raise_and_leave_the_model_unwrapped():
     with pytest.raises(ValueError, match=r"applies only with skip_nonfinite=True"):
         keras_peft.wrap(model, {".*": Rule()}, max_consecutive_nonfinite=5)
     assert not keras_peft.is_wrapped(model)
+
+
+def test_custom_compute_metrics_with_extra_outputs_still_trains():
+    class Custom(keras.Model):
+        def compute_metrics(self, x, y, y_pred, sample_weight=None):
+            logs = dict(super().compute_metrics(x, y, y_pred, sample_weight))
+            logs["pred_mean"] = tf.reduce_mean(y_pred)
+            return logs
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    model = Custom(inputs, keras.layers.Dense(1, name="head")(inputs), name="custom")
+    keras_peft.wrap(model, {".*": Rule()}, skip_nonfinite=True)
+    _, history = fit(model, *nan_data())
+    assert history.history["skipped_steps"] == [1]
+    assert "pred_mean" in history.history
+    assert all(np.isfinite(v.numpy()).all() for v in model.weights)
