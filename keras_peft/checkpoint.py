@@ -61,12 +61,17 @@ def _inner(optimizer):
 
 
 def _seed_entries(model) -> list[tuple[str, object]]:
-    """`(key, SeedGenerator)` for every seed generator owned by a layer of `model`."""
-    entries = []
-    for layer in _compat.flatten_layers(model):
-        for k, generator in enumerate(_compat.seed_generators(layer)):
-            entries.append((f"{layer.path or layer.name}#{k}", generator))
-    return entries
+    """`(layer name, SeedGenerator)` for every seed generator of a layer of `model`, in order.
+
+    Matched by position on load, as Keras matches layers: names repeat
+    (every transformer layer has a `feedforward_dropout`) or are numbered
+    by creation order (`dropout_3`).
+    """
+    return [
+        (layer.name, generator)
+        for layer in _compat.flatten_layers(model)
+        for generator in _compat.seed_generators(layer)
+    ]
 
 
 def _lora_layers(model) -> list:
@@ -111,7 +116,7 @@ def capture(model) -> tuple[dict, list[np.ndarray]]:
             "enabled": bool(layer.lora_enabled),
             "values": {str(index[id(v)]): add(v) for v in own},
         })
-    seeds = {key: add(generator.state) for key, generator in _seed_entries(model)}
+    seeds = [[name, add(generator.state)] for name, generator in _seed_entries(model)]
     guard = getattr(model, "_peft_nonfinite", None)
     state = {
         "format": FORMAT,
@@ -231,14 +236,19 @@ def restore(model, state: dict, tensors: list) -> None:
                     f"The saved LoRA value of {mapped[int(i)].path!r} has shape "
                     f"{tensors[t].shape}, the model's {tuple(mapped[int(i)].shape)}."
                 )
-    seeds = dict(_seed_entries(model))
+    seeds = _seed_entries(model)
     seed_values = []
-    if set(seeds) == set(state["seeds"]):
-        seed_values = [(seeds[k].state, tensors[t]) for k, t in state["seeds"].items()]
-    elif len(seeds) == len(state["seeds"]):  # renamed layers: by position
-        seed_values = [
-            (g.state, tensors[t]) for g, t in zip(seeds.values(), state["seeds"].values())
-        ]
+    if len(seeds) == len(state["seeds"]) and all(
+        tuple(g.state.shape) == tensors[t].shape for (_, g), (_, t) in zip(seeds, state["seeds"])
+    ):
+        seed_values = [(g.state, tensors[t]) for (_, g), (_, t) in zip(seeds, state["seeds"])]
+    elif state["seeds"]:
+        warnings.warn(
+            f"The weights file has {len(state['seeds'])} dropout seed states and model "
+            f"{model.name!r} has {len(seeds)}: the seeds are not restored, so dropout "
+            "will draw other masks than the saved run would have.",
+            stacklevel=2,
+        )
     order = state.get("optimizer_order")
     optimizer = getattr(model, "optimizer", None)
 
@@ -329,5 +339,5 @@ class PeftState(_compat.keras_saveable_base()):
 
 def _count(state: dict) -> int:
     indices = [t for entry in state["lora"] for t in entry["values"].values()]
-    indices += list(state["seeds"].values())
+    indices += [t for _, t in state["seeds"]]
     return max(indices) + 1 if indices else 0
