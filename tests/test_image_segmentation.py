@@ -85,8 +85,13 @@ def test_deeplabv3_encoder_blocks_neck_and_head():
 
 
 def test_mixed_precision_with_xla_trains(mixed_precision):
-    # The GPU default: float16 compute, float32 logits, XLA.
-    model = fresh_unet()
+    # The GPU default: float16 compute, float32 logits, XLA (on a two-block encoder,
+    # to keep XLA's compile time short).
+    keras.utils.set_random_seed(0)
+    backbone = seg_model.keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[3], stackwise_num_filters=[64, 64],
+        stackwise_num_blocks=[1, 1], stackwise_num_strides=[1, 2], block_type="basic_block")
+    model = seg_model.UNetSegmenter(backbone, 2, decoder_filters=[16, 16, 16])
     assert model.get_layer("segmentation_logits").compute_dtype == "float32"
     rules, _ = recipe.strategy_rules(model, "surgical")
     keras_peft.wrap(model, rules)
@@ -104,6 +109,18 @@ def test_checkpoint_round_trip(tmp_path):
     x = np.random.default_rng(0).random((1, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(loaded(x), model(x), atol=1e-6)
     assert keras_peft.model_blocks(loaded).blocks[0].name == "stack0_block0"
+
+
+def test_local_preset_folder_loads_its_weights(tmp_path):
+    keras.utils.set_random_seed(1)
+    saved, _ = seg_model.build_backbone("resnet_tiny")
+    saved.save_to_preset(str(tmp_path / "preset"))
+    backbone, info = seg_model.build_backbone(str(tmp_path / "preset"))
+    assert info["pretrained"] is True
+    np.testing.assert_array_equal(backbone.get_layer("conv1_conv").kernel.numpy(),
+                                  saved.get_layer("conv1_conv").kernel.numpy())
+    model = seg_model.build_segmenter(backbone, 2)
+    assert model(np.zeros((1, 32, 32, 3), "float32")).shape == (1, 32, 32, 2)
 
 
 def test_default_backbone_falls_back_offline(monkeypatch):
