@@ -146,3 +146,16 @@ def test_temporary_file_keeps_the_extensions_writers_check(tmp_path):
         model.save_weights(tmp)
     assert sorted(os.listdir(tmp_path)) == ["model.keras", "model.weights.h5"]
     tiny_mlp(seed=1).load_weights(tmp_path / "model.weights.h5")
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from keras_peft.io import atomic_write_text
+
+    path = tmp_path / "out.txt"
+    atomic_write_text(str(path), "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
