@@ -149,10 +149,7 @@ def test_temporary_file_keeps_the_extensions_writers_check(tmp_path):
 
 
 def test_written_files_get_the_usual_permissions(tmp_path):
-    import os
     import stat
-
-    from keras_peft.io import atomic_write_text
 
     path = tmp_path / "out.txt"
     atomic_write_text(str(path), "x")
