@@ -533,8 +533,8 @@ class CachedPrefix:
         num_examples: number of cached examples.
         storage: `"memory"`, or the folder of a `tf.data.Dataset.save`.
         x: `{cut name: array}` in memory (None when stored on disk).
-        y, sample_weight: labels and sample weights in memory (None if absent
-            or on disk).
+        y: labels in memory (None if absent or on disk).
+        sample_weight: sample weights in memory (None if absent or on disk).
         nbytes: size of the cached prefix outputs, in bytes.
         seconds: time it took to run the prefix over the data.
     """
@@ -659,7 +659,8 @@ def cache_prefix(
         x: a `tf.data.Dataset` of batches `x`, `(x, y)` or `(x, y,
             sample_weight)` (for a keras-hub task with a preprocessor: raw
             inputs, preprocessed as its `fit` does), or arrays with `y`.
-        y, sample_weight: labels and weights when `x` holds arrays.
+        y: labels, when `x` holds arrays.
+        sample_weight: sample weights, when `x` holds arrays.
         batch_size: batch size for arrays (default 32).
         after: where to split (see `split_prefix`); default: every frozen layer
             below the lowest trainable one.

@@ -1,0 +1,56 @@
+"""The benchmark suite: its --quick smoke run works end to end; its arithmetic is right.
+
+The smoke run checks that the suite runs and writes its table, not speeds.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+RUN = os.path.join(ROOT, "bench", "run.py")
+
+
+def _suite():
+    spec = importlib.util.spec_from_file_location("bench_run", RUN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_theory_follows_the_design_notes():
+    suite = _suite()
+    assert suite.theory_ratio("plain", 6) == 1.0
+    assert suite.theory_ratio("head_only", 6) == pytest.approx(1 / 3)
+    assert suite.theory_ratio("top_layers_2", 6) == pytest.approx(10 / 18)  # 3L/(3L-2k), k=4
+    assert suite.theory_ratio("lora4", 6) == pytest.approx(2 / 3)
+
+
+def test_paired_ratios_compare_within_a_repetition():
+    suite = _suite()
+    base = [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]  # the machine got twice as slow in rep 2
+    other = [[0.5, 0.5, 0.6], [1.0, 1.0, 1.2]]
+    assert suite.paired_ratios(base, other) == [0.5, 0.5]
+
+
+def test_quick_run_writes_the_table_and_counts_the_same_lora_variables(tmp_path):
+    command = [sys.executable, RUN, "--quick", "--configs", "plain,top_layers_2,lora4,hub_lora4",
+               "--out", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = (tmp_path / "suite.md").read_text()
+    for label in ("plain Keras", "keras-peft top_layers(2)", "keras-peft lora(4)",
+                  "keras-hub backbone.enable_lora(4)", "CNN segmenter", "Machine:"):
+        assert label in table
+    results = json.loads((tmp_path / "suite.json").read_text())
+    assert [m["model"] for m in results["models"]] == ["minilm", "cnn"]
+    rows = results["models"][0]["rows"]
+    assert set(rows["lora4"]["trainable_paths"]) == set(rows["hub_lora4"]["trainable_paths"])
+    assert rows["top_layers_2"]["trainable_params"] < rows["plain"]["trainable_params"]
+    assert all(r["median_ms"] > 0 for m in results["models"] for r in m["rows"].values())
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "suite.png").stat().st_size > 0
