@@ -132,8 +132,9 @@ from keras_peft.backup import BackupAndRestore  # noqa: E402
 
 __all__ += ["BackupAndRestore", "io"]
 
-# tf.keras (Keras 2) and TensorFlow Recommenders models (docs/tf-keras.md).
-from keras_peft import tf_keras  # noqa: E402
+# tf.keras (Keras 2) and TensorFlow Recommenders models (docs/tf-keras.md). The module,
+# `keras_peft.tf_keras`, stays out of __all__: a star import would shadow the `tf_keras`
+# package itself.
 from keras_peft.tf_keras import MixedKerasError, require_legacy_keras  # noqa: E402
 
-__all__ += ["MixedKerasError", "require_legacy_keras", "tf_keras"]
+__all__ += ["MixedKerasError", "require_legacy_keras"]
