@@ -44,10 +44,11 @@ def test_quick_run_writes_the_table_and_counts_the_same_lora_variables(tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = (tmp_path / "suite.md").read_text()
     for label in ("plain Keras", "keras-peft top_layers(2)", "keras-peft lora(4)",
-                  "keras-hub backbone.enable_lora(4)", "CNN segmenter", "Machine:"):
+                  "keras-hub backbone.enable_lora(4)", "CNN segmenter", "two-tower",
+                  "Machine:"):
         assert label in table
     results = json.loads((tmp_path / "suite.json").read_text())
-    assert [m["model"] for m in results["models"]] == ["minilm", "cnn"]
+    assert [m["model"] for m in results["models"]] == ["minilm", "cnn", "two_tower"]
     rows = results["models"][0]["rows"]
     assert set(rows["lora4"]["trainable_paths"]) == set(rows["hub_lora4"]["trainable_paths"])
     assert rows["top_layers_2"]["trainable_params"] < rows["plain"]["trainable_params"]
