@@ -203,9 +203,7 @@ def test_compare_runs_writes_results_deltas_table_and_chart(tiny_preset, sentime
     results = recipe.main([
         "--preset", tiny_preset, "--data", sentiment_file, "--compare", "bitfit,lora:2",
         "--pooling", "mean", "--sequence-length", "12", "--batch-size", "8", "--no-xla",
-        "--mixed-precision", "--output-dir", out, "--verbose", "0"])
-    assert keras.mixed_precision.dtype_policy().name == "float32"  # restored
-    assert results["settings"]["mixed_precision"] is True
+        "--output-dir", out, "--verbose", "0"])
     printed = capsys.readouterr().out
     assert "sequence length 12 (preprocessor)" in printed
     assert "validation before training: accuracy" in printed
@@ -237,6 +235,22 @@ def test_compare_runs_writes_results_deltas_table_and_chart(tiny_preset, sentime
     with open(os.path.join(out, "comparison.json")) as f:
         assert len(json.load(f)["runs"]) == 2
     assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+
+
+def test_mixed_precision_is_on_during_the_runs_and_restored_after(monkeypatch, sentiment_file,
+                                                                  tmp_path):
+    seen = []
+
+    def fake_run(strategy, args, data, preset, pooling, reason, settings):
+        seen.append((strategy.spec, keras.mixed_precision.dtype_policy().name, args.xla))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(recipe, "run_strategy", fake_run)
+    with pytest.raises(RuntimeError, match="stop here"):
+        recipe.main(["--data", sentiment_file, "--preset", str(tmp_path), "--strategy", "bitfit",
+                     "--mixed-precision", "--no-xla"])
+    assert seen == [("bitfit", "mixed_float16", False)]
+    assert keras.mixed_precision.dtype_policy().name == "float32"
 
 
 def _fresh(preset):
