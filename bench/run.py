@@ -154,6 +154,8 @@ def worker(spec: dict) -> None:
     precision = spec["precision"]
     if precision == "auto":
         precision = "mixed_float16" if gpus else "float32"
+    if spec["size"]["family"] == "two_tower":
+        precision = "float32"  # a tf.keras (Keras 2) model: Keras 3's policy does not reach it
     # auto: XLA on, except in the CPU smoke run (it checks that the suite runs, and XLA
     # compilation would be most of its time).
     jit = {"on": True, "off": False}.get(spec["jit"], bool(gpus) or not spec["quick"])
@@ -184,7 +186,10 @@ def worker(spec: dict) -> None:
             _emit("times", _steps(model, dataset, int(command[2]), info["keras2"]))
         elif command[0] == "STOP":
             break
-    _emit("done", {"peak_rss_mb": _maxrss_mb()})
+    done = {"peak_rss_mb": _maxrss_mb()}
+    if gpus:  # device memory, the figure that matters on a GPU
+        done["peak_gpu_mb"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+    _emit("done", done)
 
 
 def _setup(config, spec, jit, np, tf, keras, keras_peft):
@@ -588,6 +593,7 @@ def bench_model(model_key: str, size: dict, args, log_dir: str) -> dict:
             "p90_ms": _quantile(steps_ms, 0.9),
             "examples_per_s": batch / (median_ms / 1000),
             "peak_rss_mb": None if shared else done[config]["peak_rss_mb"],
+            "peak_gpu_mb": None if shared else done[config].get("peak_gpu_mb"),
             "import_rss_mb": info["import_rss_mb"],
             "first_call_s": info["first_call_s"],
             "ratio": statistics.median(ratios),
@@ -614,6 +620,7 @@ def bench_model(model_key: str, size: dict, args, log_dir: str) -> dict:
         "rows": rows,
         "targets": _targets(rows, judged=not args.quick and size["family"] == "bert"),
         "precision": first["precision"],
+        "gpu": bool(first["machine"]["gpus"]),
         "jit_compile": first["jit_compile"],
         "versions": first["machine"],
         "timed_s": timed_s,
@@ -693,7 +700,9 @@ def markdown(results: dict) -> str:
         "in the same repetition). Absolute times depend on the machine and its load. The "
         "CPU-time ratio does the same with the process' CPU time per step (all threads), "
         "which hardly grows when other processes compete for the cores: on a loaded "
-        "machine (load average above the number of cores) it is the steadier estimate.",
+        "machine (load average above the number of cores) it is the steadier estimate"
+        + (" (on a GPU it measures the host's work only; use the step ratio)."
+           if any(m.get("gpu") for m in results["models"]) else "."),
     ]
     for res in results["models"]:
         size = res["size"]
@@ -725,10 +734,13 @@ def markdown(results: dict) -> str:
             base = row["label"] == CONFIGS["plain"]
             ratio = ("1 (baseline)" if base else
                      f"{row['ratio']:.3f} ({row['ratio_q25']:.2f}-{row['ratio_q75']:.2f})")
+            memory = _rss(row["peak_rss_mb"])
+            if row.get("peak_gpu_mb") is not None:
+                memory += f" (GPU {row['peak_gpu_mb']:,.0f})"
             lines.append(
                 f"| {row['label']} | {row['trainable_params']:,} | {_mb(row['optimizer_mb'])} "
                 f"| {row['median_ms']:,.0f} | {row['examples_per_s']:,.1f} "
-                f"| {_rss(row['peak_rss_mb'])} | {ratio} "
+                f"| {memory} | {ratio} "
                 f"| {'1' if base else format(row['cpu_ratio'], '.3f')} "
                 f"| {'-' if row['theory'] is None else format(row['theory'], '.3f')} |")
         for t in res["targets"]:
@@ -744,7 +756,8 @@ def markdown(results: dict) -> str:
         "bitfit and LoRA backpropagate through every block without its big weight "
         "gradient: 12/18. Peak RSS is the worker process' maximum resident memory, "
         "TensorFlow runtime included (about "
-        f"{_mb(_first_row(results)['import_rss_mb'])} MB after the imports).",
+        f"{_mb(_first_row(results)['import_rss_mb'])} MB after the imports); on a GPU "
+        "the peak device memory follows in parentheses.",
     ]
     return "\n".join(lines) + "\n"
 
