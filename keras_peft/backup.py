@@ -118,6 +118,21 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         self._resume_batches = 0  # batches of the resumed epoch already trained
         self._resume_metrics = None
         self._skipping = False
+        self._resumed_at = None
+
+    @property
+    def resumed_at(self) -> tuple[int, int] | None:
+        """`(epoch, batches_done)` restored by the last `fit`, or `None` if it started afresh.
+
+        Set in `on_train_begin`: callbacks after this one in the list can read
+        it there, e.g. to put an epoch-dependent data order where it was.
+        """
+        return self._resumed_at
+
+    @property
+    def skipping(self) -> bool:
+        """True while the resumed epoch's already-trained batches are being passed over."""
+        return self._skipping
 
     # ----------------------------------------------------------------- save
     def _save_model(self):
@@ -178,10 +193,13 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         self._batches_done = 0
         self._resume_batches = 0
         self._resume_metrics = None
+        self._resumed_at = None
         pointer = self._read_pointer()
         if not pointer:
             if os.path.exists(self._weights_path):  # written by keras.callbacks.BackupAndRestore
                 super().on_train_begin(logs)
+                # Keras' callback puts the saved epoch on the model only.
+                self._resumed_at = (int(getattr(self.model, "_initial_epoch", 0) or 0), 0)
             return
         entries = [pointer["current"]] + ([pointer["previous"]] if pointer.get("previous") else [])
         for i, entry in enumerate(entries):
@@ -205,6 +223,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         model._initial_epoch = entry["epoch"]
         self._current_epoch = entry["epoch"]
         self._resume_batches = int(entry["batches_done"])
+        self._resumed_at = (int(entry["epoch"]), self._resume_batches)
         if self._resume_batches:
             saved = entry.get("metrics")
             if saved:

@@ -27,6 +27,10 @@ Strategies (`--strategy`, or `--compare a,b,c`): full, head_only,
 top_layers:K, bitfit, lora:RANK, llrd:DECAY, gradual[:STEPS], auto[:BUDGET].
 Each has a usual learning rate (`LEARNING_RATES`); `--learning-rate` overrides.
 
+Long runs: `--resume DIR` backs up to `DIR/<strategy>` (every epoch, or every
+`--backup-every` steps) and, run again after an interruption, resumes exactly
+where the backup was taken; `--skip-nonfinite` skips NaN/Inf steps.
+
 Outputs under `--output-dir`: `<strategy>/results.json` (strategy, pooling,
 sequence length, trainable/total parameters, wall time, mean and median step
 time, peak memory, validation accuracy and loss before and after training) and
@@ -218,17 +222,20 @@ class StepTimer(keras.callbacks.Callback):
     leave those out.
     """
 
-    def __init__(self):
+    def __init__(self, backup: keras_peft.BackupAndRestore | None = None):
         super().__init__()
         self.times: list[float] = []
         self.traced: list[bool] = []
         self.peak_rss_mb = 0.0
         self._version = None
+        self._backup = backup  # a resumed run's passed-over batches are not steps
 
     def on_train_batch_begin(self, batch, logs=None):
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
+        if self._backup is not None and self._backup.skipping:
+            return
         # Keras hands this (synchronous) callback numpy logs: the step has finished.
         self.times.append(time.perf_counter() - self._start)
         version = keras_peft.get_rules(self.model) if keras_peft.is_wrapped(self.model) else None
@@ -248,6 +255,36 @@ class StepTimer(keras.callbacks.Callback):
             "traced_steps": sum(self.traced),
             "step_times_s": [round(t, 4) for t in self.times],
         }
+
+
+class EpochShuffle(keras.callbacks.Callback):
+    """A shuffle whose order in epoch `e` depends only on the seed and `e` (for `--resume`).
+
+    `tf.data`'s `shuffle(reshuffle_each_iteration=True)` draws each epoch's
+    order from a generator that advances with every iterator made over the
+    dataset (Keras makes two per epoch), so a run resumed in a new process
+    would see other batches than the run it continues. Here the permutation
+    of epoch `e` is `stateless_shuffle(range(n), seed=(seed, e))`; Keras calls
+    `on_epoch_begin(e)` (with the restored epoch after a resume) before it
+    makes the epoch's iterator, which reads `e` when it starts.
+    """
+
+    def __init__(self, split: TextSplit, batch_size: int, seed: int):
+        super().__init__()
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="shuffle_epoch")
+        texts, labels = tf.constant(split.texts), tf.constant(split.labels)
+        n, epoch = len(split), self.epoch
+
+        def permutation(_):
+            key = tf.stack([tf.constant(seed, tf.int64), epoch.read_value()])
+            return tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), key)
+
+        ds = tf.data.Dataset.from_tensors(0).map(permutation).unbatch()
+        ds = ds.map(lambda i: (tf.gather(texts, i), tf.gather(labels, i)))
+        self.dataset = ds.batch(batch_size, drop_remainder=n >= batch_size)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch.assign(epoch)
 
 
 # --------------------------------------------------------------------- data
@@ -434,14 +471,16 @@ def run_strategy(strategy: Strategy, args, data: TextData, preset: str, pooling:
     print(f"model: {type(model).__name__} on {args.preset}, pooling {pooling} ({pooling_reason}), "
           f"sequence length {sequence_length} (preprocessor), {data.num_classes} classes",
           flush=True)
-    train_ds = make_dataset(data.train, args.batch_size, shuffle=True, seed=args.seed)
+    shuffle = EpochShuffle(data.train, args.batch_size, args.seed) if args.resume else None
+    train_ds = shuffle.dataset if shuffle else make_dataset(data.train, args.batch_size,
+                                                            shuffle=True, seed=args.seed)
     val_ds = make_dataset(data.validation, args.batch_size, shuffle=False, seed=args.seed)
     steps_per_epoch = max(1, len(data.train) // args.batch_size)
     total_steps = steps_per_epoch * args.epochs
 
     rules, callbacks, info = strategy_rules(strategy, model, train_ds, pooling=pooling,
                                             total_steps=total_steps, verbose=args.verbose)
-    keras_peft.wrap(model, rules)
+    keras_peft.wrap(model, rules, skip_nonfinite=args.skip_nonfinite)
     rep = keras_peft.report(model)
     if args.verbose:
         print(rep if args.verbose > 1 else rep.summary(), flush=True)
@@ -458,10 +497,23 @@ def run_strategy(strategy: Strategy, args, data: TextData, preset: str, pooling:
     loss_before, accuracy_before = model.evaluate(val_ds, verbose=0)
     print(f"validation before training: accuracy {accuracy_before:.3f}, loss {loss_before:.4f}",
           flush=True)
-    timer = StepTimer()
+    backup = None
+    if args.resume:  # first in the list: the other callbacks see the restored state
+        backup = keras_peft.BackupAndRestore(os.path.join(args.resume, strategy.slug),
+                                             save_freq=args.backup_every or "epoch")
+
+        def announce(logs=None):
+            if backup.resumed_at:
+                epoch, batches = backup.resumed_at
+                print(f"resuming from the backup in {backup.backup_dir}: epoch {epoch + 1}, "
+                      f"after its first {batches} batches", flush=True)
+
+        callbacks = [backup, shuffle, keras.callbacks.LambdaCallback(on_train_begin=announce),
+                     *callbacks]
+    timer = StepTimer(backup)
     load_before = _load_average()
     fit_start = time.perf_counter()
-    model.fit(train_ds, epochs=args.epochs, callbacks=[timer, *callbacks], verbose=args.verbose,
+    model.fit(train_ds, epochs=args.epochs, callbacks=[*callbacks, timer], verbose=args.verbose,
               validation_data=val_ds if args.epochs > 1 else None, shuffle=False)
     train_time = time.perf_counter() - fit_start
     load_after = _load_average()
@@ -491,6 +543,8 @@ def run_strategy(strategy: Strategy, args, data: TextData, preset: str, pooling:
         "val_accuracy": float(val_accuracy),
         "val_loss": float(val_loss),
         **steps,
+        "resumed_at": list(backup.resumed_at) if backup and backup.resumed_at else None,
+        "skipped_steps": int(model.peft_skipped_steps) if args.skip_nonfinite else None,
         "step_time_note": "mean/median leave out the steps that traced (and with XLA "
                           "compiled) the train function: the first, and the first after each "
                           "change of rules (gradual)",
@@ -566,6 +620,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="mixed_float16 (default: on when TensorFlow sees a GPU)")
     p.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the train and eval steps with XLA (jit_compile)")
+    p.add_argument("--resume", metavar="DIR", default=None,
+                   help="back up training to DIR/<strategy> (every epoch, or every "
+                        "--backup-every steps) and, if a backup is there, resume from it: run "
+                        "the same command again after an interruption; a finished run deletes "
+                        "its backup")
+    p.add_argument("--backup-every", type=int, default=None, metavar="STEPS",
+                   help="with --resume, back up every this many steps instead of every epoch")
+    p.add_argument("--skip-nonfinite", action=argparse.BooleanOptionalAction, default=False,
+                   help="skip training steps whose loss or gradients are NaN/Inf (the weights "
+                        "and optimizer stay as they were; counted in results.json)")
     p.add_argument("--verbose", type=int, default=1,
                    help="0 silent, 1 progress bars and a summary, 2 also the per-layer report")
     args = p.parse_args(argv)
@@ -574,6 +638,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 <= args.warmup < 1:
         p.error("--warmup must be in [0, 1)")
+    if args.backup_every is not None and (args.backup_every < 1 or not args.resume):
+        p.error("--backup-every needs --resume DIR and a number of steps >= 1")
     return args
 
 

@@ -43,10 +43,15 @@ def fit(model, callbacks):
 
 
 def crash_and_resume(backup, stop_at, make_callback, **build_kw):
+    first = make_callback(backup)
     with pytest.raises(KeyboardInterrupt):
-        fit(build(**build_kw), [make_callback(backup), StopAt(stop_at)])
+        fit(build(**build_kw), [first, StopAt(stop_at)])
+    if hasattr(first, "resumed_at"):
+        assert first.resumed_at is None  # nothing to resume from the first time
     resumed = build(**build_kw)
-    history = fit(resumed, [make_callback(backup)])
+    callback = make_callback(backup)
+    history = fit(resumed, [callback])
+    resumed.resumed_at = getattr(callback, "resumed_at", None)
     return resumed, history
 
 
@@ -69,6 +74,7 @@ def test_mid_epoch_resume_trains_each_batch_once(tmp_path, wrapped):
         tmp_path / "b", 7, lambda d: keras_peft.BackupAndRestore(d, save_freq=3),
         wrapped=wrapped)
     assert len(history.history["loss"]) == 2  # epoch 1 (from its 3rd batch) and epoch 2
+    assert resumed.resumed_at == (1, 2)
     assert_matches(resumed, history, reference, ref_history)  # epoch 1's metrics too
     assert int(resumed.optimizer.iterations) == 12
 
@@ -130,8 +136,10 @@ def test_resumes_from_a_backup_written_by_the_keras_callback(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         fit(build(), [keras.callbacks.BackupAndRestore(backup), StopAt(9)])
     resumed = build()
-    history = fit(resumed, [keras_peft.BackupAndRestore(backup)])
+    callback = keras_peft.BackupAndRestore(backup)
+    history = fit(resumed, [callback])
     assert len(history.history["loss"]) == 1
+    assert callback.resumed_at == (2, 0)  # the epoch Keras' callback wrote
     assert snapshot(resumed).keys() == snapshot(reference).keys()
     for a, b in zip(resumed.weights, reference.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())

@@ -253,6 +253,57 @@ def test_mixed_precision_is_on_during_the_runs_and_restored_after(monkeypatch, s
     assert keras.mixed_precision.dtype_policy().name == "float32"
 
 
+def test_resume_after_a_crash_ends_like_an_uninterrupted_run(tiny_preset, sentiment_file,
+                                                             tmp_path, monkeypatch, capsys):
+    """--resume: a run killed mid-epoch and run again ends with the uninterrupted run's weights."""
+    def argv(out, *extra):
+        return ["--preset", tiny_preset, "--data", sentiment_file, "--strategy", "lora:2",
+                "--pooling", "mean", "--sequence-length", "12", "--batch-size", "8",
+                "--no-xla", "--epochs", "2", "--verbose", "0", "--output-dir", str(out), *extra]
+
+    backups = tmp_path / "backups"
+    resume = ["--resume", str(backups), "--backup-every", "3", "--skip-nonfinite"]
+    reference = recipe.main(argv(tmp_path / "reference", *resume))  # not interrupted
+    assert reference["resumed_at"] is None and reference["skipped_steps"] == 0
+    assert reference["steps"] == 16 and not os.path.exists(backups / "lora-2")  # deleted
+    original_end = recipe.StepTimer.on_train_batch_end
+
+    def crash_at_step_11(self, batch, logs=None):  # 8 steps an epoch: epoch 2, batch 3
+        original_end(self, batch, logs)
+        if int(self.model.optimizer.iterations) == 11:
+            raise KeyboardInterrupt  # stands in for a killed process
+
+    monkeypatch.setattr(recipe.StepTimer, "on_train_batch_end", crash_at_step_11)
+    with pytest.raises(KeyboardInterrupt):
+        recipe.main(argv(tmp_path / "crashed", *resume))
+    with open(backups / "lora-2" / "backup.json") as f:
+        assert json.load(f)["current"]["epoch"] == 1  # the backup after step 9
+    monkeypatch.setattr(recipe.StepTimer, "on_train_batch_end", original_end)
+    capsys.readouterr()
+
+    resumed = recipe.main(argv(tmp_path / "resumed", *resume))
+    assert "resuming from the backup in" in capsys.readouterr().out
+    assert resumed["resumed_at"] == [1, 1] and resumed["skipped_steps"] == 0
+    assert resumed["steps"] == 7  # 16 steps, 9 of them before the backup
+    assert not os.path.exists(backups / "lora-2" / "backup.json")  # deleted when done
+    assert resumed["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-6)
+    models = [keras_peft.load_delta(_fresh(tiny_preset), run["delta_path"])
+              for run in (reference, resumed)]
+    weights = [{v.path: v.numpy() for v in model.weights} for model in models]
+    assert weights[0].keys() == weights[1].keys()
+    for path, value in weights[0].items():
+        np.testing.assert_allclose(weights[1][path], value, rtol=1e-6, atol=1e-7, err_msg=path)
+    # ... and training did move the adapters: the comparison is not of two untouched models.
+    untouched = {v.path: v.numpy() for v in _fresh(tiny_preset).weights}
+    assert any(not np.allclose(value, untouched[path]) for path, value in weights[0].items()
+               if path in untouched)
+
+
+def test_backup_every_needs_resume(sentiment_file):
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--backup-every", "5"])
+
+
 def _fresh(preset):
     keras.backend.clear_session()
     return build_classifier(preset, 2, pooling="mean", sequence_length=12)
