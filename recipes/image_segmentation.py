@@ -120,6 +120,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated strategies to run on the same data")
     g.add_argument("--bn-train", action="store_true",
                    help="BatchNorm layers of frozen blocks use and update batch statistics")
+    g.add_argument("--skip-nonfinite", action=argparse.BooleanOptionalAction, default=False,
+                   help="skip training steps whose loss or gradients are NaN/Inf (weights and "
+                        "optimizer unchanged; counted in results.json)")
     g.add_argument("--epochs", type=int, default=10, help="default 10")
     g.add_argument("--steps-per-epoch", type=int, default=None,
                    help="default: one pass over the training images (10 with --experiment)")
@@ -454,7 +457,7 @@ def run_one(args, strategy: str, train, val, output_dir: str, *, tag: str = "") 
     bn = {"frozen_layers_mode": None, "frozen": [], "training": [], "_layers": []}
     history = {}
     if rules is not None:
-        keras_peft.wrap(model, rules)
+        keras_peft.wrap(model, rules, skip_nonfinite=args.skip_nonfinite)
         bn = set_batchnorm_modes(model, args.bn_train)
         say(f"Strategy {strategy}: {description}.")
         say(format_groups(group_table(model)))
@@ -477,6 +480,8 @@ def run_one(args, strategy: str, train, val, output_dir: str, *, tag: str = "") 
     metrics, kept = seg_metrics.evaluate(model, val_ds, val.num_classes, val.class_names,
                                          keep=keep, verbose=1 if verbose == 1 else 0)
 
+    skipped = (int(model.peft_skipped_steps)
+               if keras_peft.is_wrapped(model) and args.skip_nonfinite else None)
     # Save a plain Keras model for --init: BatchNorm flags back, policy removed.
     for layer in bn["_layers"]:
         layer.trainable = True
@@ -521,6 +526,7 @@ def run_one(args, strategy: str, train, val, output_dir: str, *, tag: str = "") 
             "batch_size": args.batch_size, "learning_rate": args.learning_rate,
             "optimizer": "Adam", "seed": args.seed, "mixed_precision": mixed,
             "jit_compile": jit, "history": history,
+            "skipped_steps": skipped,  # steps with a NaN/Inf loss or gradient, not applied
         },
         "mean_step_seconds": timer.mean(),
         "wall_seconds": time.perf_counter() - start,

@@ -232,8 +232,10 @@ def test_main_trains_writes_outputs_and_chains_with_init(tmp_path):
     _write_folder(folder)
     common = ["--data", folder, "--image-size", "32", "--backbone", "resnet_tiny",
               "--batch-size", "4", "--verbose", "0", "--epochs", "1", "--steps-per-epoch", "1"]
-    first = recipe.main(common + ["--panel-images", "2", "--output-dir", str(tmp_path / "a")])
+    first = recipe.main(common + ["--panel-images", "2", "--output-dir", str(tmp_path / "a"),
+                                  "--skip-nonfinite"])
     assert first["data"]["train_images"] + first["data"]["validation_images"] == 6
+    assert first["training"]["skipped_steps"] == 0  # wrapped with skip_nonfinite=True
     assert first["data"]["crop_size"] == 16  # 3/4 of 32, a multiple of the stride
     assert 0 <= first["metrics"]["mean_iou"] <= 1 and "dice" in first["metrics"]
     assert first["model"]["backbone"]["name"] == "resnet_tiny"
@@ -248,6 +250,7 @@ def test_main_trains_writes_outputs_and_chains_with_init(tmp_path):
                                 "--panel-images", "0", "--output-dir", str(tmp_path / "b")])
     none, surgical = out["results"]
     assert none["trainable_params"] == 0 and none["training"]["history"] == {}
+    assert surgical["training"]["skipped_steps"] is None  # not asked for
     assert all(g["trainable_params"] == 0 for g in none["groups"])
     # no training: the metrics are those of the --init model on the same images
     assert none["metrics"]["mean_iou"] == none["metrics_before"]["mean_iou"]
