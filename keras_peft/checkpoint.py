@@ -212,8 +212,7 @@ def _rebuild_optimizer(model, variables: list) -> None:
 
 def restore(model, state: dict, tensors: list) -> None:
     """Applies a `capture`d state to `model`; checks everything before changing anything."""
-    from keras_peft.model import _apply_policy
-    from keras_peft.rules import normalize_rules
+    from keras_peft.model import _apply_policy, fit_rules_to_model
 
     if state.get("format") != FORMAT or not isinstance(state.get("version"), int):
         raise CheckpointMismatchError(
@@ -227,7 +226,7 @@ def restore(model, state: dict, tensors: list) -> None:
             "keras_peft."
         )
     mapped = _map_weights(model, state["weights"])
-    rules = normalize_rules(state["rules"]) if state["rules"] else None
+    rules = fit_rules_to_model(model, state["rules"]) if state["rules"] else None
     lora = _check_lora(model, state, mapped)
     for _, entry in lora:
         for i, t in entry["values"].items():

@@ -197,10 +197,11 @@ class PeftModel:
         base = keras.saving.deserialize_keras_object(
             config["model"], custom_objects=custom_objects
         )
+        rules = fit_rules_to_model(base, config["rules"])  # a Sequential's paths change
         skip = config.get("skip_nonfinite")
         if skip is None:
-            return wrap(base, config["rules"])
-        return wrap(base, config["rules"], skip_nonfinite=True,
+            return wrap(base, rules)
+        return wrap(base, rules, skip_nonfinite=True,
                     max_consecutive_nonfinite=skip["max_consecutive"])
 
     # ------------------------------------------------------------ checkpoints
@@ -300,6 +301,44 @@ def _sync_optimizer(model) -> None:
         if v.path in old:
             v.assign(old[v.path])
     model.optimizer = rebuilt
+
+
+def fit_rules_to_model(model, rules) -> dict:
+    """`rules` as saved with `model`'s variables, fitted to its paths after a reload.
+
+    A `keras.Sequential` names its variables `<model name>/<layer>/...` when
+    built from its layers, but `<layer>/...` when rebuilt from its config
+    (`keras.models.load_model`, `from_config`), so rules written for the
+    first form (every ready strategy writes exact paths) match nothing in the
+    second. When the rules do not resolve and the model's paths lack the
+    `<model name>/` prefix, patterns that start with it are tried without
+    it. Returns the rules that resolve; otherwise raises the original error.
+    """
+    import re
+
+    from keras_peft.rules import UnmatchedRuleError
+
+    rules = normalize_rules(rules)
+    paths = [v.path for v in model.weights]
+    try:
+        resolve(paths, rules)
+        return rules
+    except UnmatchedRuleError as error:
+        prefix = f"{model.name}/"
+        if any(p.startswith(prefix) for p in paths):
+            raise
+        heads = (re.escape(prefix), prefix)
+        fitted = {}
+        for pattern, rule in rules.items():
+            head = next((h for h in heads if pattern.startswith(h)), "")
+            fitted[pattern[len(head):]] = rule
+        if len(fitted) != len(rules) or list(fitted) == list(rules):
+            raise
+        try:
+            resolve(paths, fitted)
+        except UnmatchedRuleError:
+            raise error from None
+        return fitted
 
 
 def _apply_policy(model, rules) -> None:

@@ -134,6 +134,61 @@ def test_saved_models_carry_exact_lora_and_the_optimizer_layout(tmp_path):
     assert_equal_dicts(optimizer_state(loaded), optimizer_state(model))
 
 
+
+@pytest.mark.parametrize("strategy", ["lora", "head_only"])
+def test_a_sequential_saved_with_exact_path_rules_loads_and_trains(tmp_path, strategy):
+    """A Sequential rebuilt from its config names variables without the model's name
+    ('block_0/kernel', not 'mlp/block_0/kernel'): the ready strategies' exact-path
+    rules are fitted to the reloaded paths instead of failing to load."""
+    model = tiny_mlp()
+    if strategy == "lora":
+        rules = keras_peft.lora(model, rank=2, targets=r".*block_\d")
+    else:
+        rules = keras_peft.head_only(model)
+    keras_peft.wrap(model, rules)
+    assert {p.startswith("mlp/") for p in model.peft_rules} == {True, False}  # and '.*'
+    compile_fit(model, epochs=2)
+    model.save(tmp_path / "m.keras")
+
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert loaded.weights[0].path == "block_0/kernel"
+    assert list(loaded.peft_rules) == [p.removeprefix("mlp/") for p in model.peft_rules]
+    saved, reloaded = snapshot(model), snapshot(loaded)
+    assert [k[len("mlp/"):] for k in saved] == list(reloaded)
+    for (path, value), restored in zip(saved.items(), reloaded.values()):
+        np.testing.assert_array_equal(restored, value, err_msg=path)  # exact LoRA factors too
+    assert [v.trainable for v in loaded.weights] == [v.trainable for v in model.weights]
+    before = snapshot(loaded)
+    compile_fit(loaded)
+    trained = {v.path for v in loaded.trainable_weights}
+    moved = {p for p, v in snapshot(loaded).items() if not np.array_equal(v, before[p])}
+    assert moved == trained and trained  # what trains moves (LoRA: not stuck at A = B = 0)
+
+    # The weights file of the original loads into the rebuilt model, rules and all.
+    model.save_weights(tmp_path / "w.weights.h5")
+    rebuilt = keras_peft.wrap(keras.Sequential.from_config(tiny_mlp().get_config()),
+                              {".*": Rule()})
+    if strategy == "lora":
+        keras_peft.lora(rebuilt, rank=2, targets=r".*block_\d")
+    rebuilt.load_weights(tmp_path / "w.weights.h5")
+    assert rebuilt.peft_rules == loaded.peft_rules
+
+
+def test_rules_that_fit_no_reloaded_path_still_fail_clearly():
+    rebuilt = keras.Sequential.from_config(tiny_mlp().get_config())
+    fitted = keras_peft.model.fit_rules_to_model(
+        rebuilt, {r"mlp/block_0/.*": Rule(trainable=False), ".*": Rule()})
+    assert list(fitted) == [r"block_0/.*", ".*"]
+    # One pattern fits nothing even without the prefix: the original error, unchanged
+    # (its first unmatched pattern, and the paths that look close).
+    rules = {r"mlp/block_0/.*": Rule(trainable=False), r"mlp/nothing/.*": Rule(lr_scale=0.5)}
+    with pytest.raises(keras_peft.UnmatchedRuleError,
+                       match=r"(?s)'mlp/block_0/\.\*' matched no.*block_0/kernel"):
+        keras_peft.model.fit_rules_to_model(rebuilt, rules)
+    # A model whose paths carry its name is left alone: its rules are the user's to fix.
+    with pytest.raises(keras_peft.UnmatchedRuleError, match=r"'block_0/\.\*' matched no"):
+        keras_peft.model.fit_rules_to_model(tiny_mlp(), {r"block_0/.*": Rule()})
+
 def test_files_stay_compatible_with_plain_models(tmp_path):
     wrapped = keras_peft.wrap(tiny_mlp(seed=1), {r".*block_0/.*": Rule(trainable=False)})
     wrapped.save_weights(tmp_path / "wrapped.weights.h5")
