@@ -190,6 +190,9 @@ class PeftModel:
         guard = getattr(self, "_peft_nonfinite", None)
         if guard is not None:
             config["skip_nonfinite"] = guard.get_config()
+        adapters = _lora_records(self)
+        if adapters:
+            config["lora"] = adapters
         return config
 
     @classmethod
@@ -197,6 +200,7 @@ class PeftModel:
         base = keras.saving.deserialize_keras_object(
             config["model"], custom_objects=custom_objects
         )
+        _restore_lora_layers(base, config.get("lora") or [])
         rules = fit_rules_to_model(base, config["rules"])  # a Sequential's paths change
         skip = config.get("skip_nonfinite")
         if skip is None:
@@ -301,6 +305,51 @@ def _sync_optimizer(model) -> None:
         if v.path in old:
             v.assign(old[v.path])
     model.optimizer = rebuilt
+
+
+def _lora_records(model) -> list[dict]:
+    """`[{layer, rank, alpha}]` for the layers of `model` that have LoRA adapters."""
+    from keras_peft.lora import lora_layer_paths
+
+    return [
+        {"layer": path, "rank": int(layer.lora_rank), "alpha": float(layer.lora_alpha)}
+        for path, layer in lora_layer_paths(model).items()
+        if _compat.lora_adapters(layer) is not None
+    ]
+
+
+def _restore_lora_layers(model, records: list[dict]) -> None:
+    """Adds the saved LoRA adapters that rebuilding `model` from its config did not.
+
+    A layer's own config carries its LoRA rank, but a keras-hub backbone is
+    rebuilt from its constructor arguments, which do not: without this its
+    reloaded layers have no adapters, and neither the rules nor the saved
+    adapter values would have variables to go to. The values come after,
+    from the file's `keras_peft_state`.
+    """
+    if not records:
+        return
+    from keras_peft.lora import lora_layer_paths
+
+    layers = lora_layer_paths(model)
+    prefix = f"{model.name}/"
+    missing = []
+    for record in records:
+        path = record["layer"]
+        layer = layers.get(path) or layers.get(path.removeprefix(prefix))
+        if layer is None:
+            missing.append(path)
+        elif _compat.lora_adapters(layer) is None:
+            layer.enable_lora(record["rank"], lora_alpha=record["alpha"])
+    if missing:
+        raise ValueError(
+            f"The saved model had LoRA adapters on {len(missing)} layer(s) that model "
+            f"{model.name!r}, rebuilt from its config, does not have (e.g. {missing[:3]}; "
+            f"its LoRA-capable layers: {list(layers)[:5]}...). Load the weights into a model "
+            "built by your code instead: build it, keras_peft.lora(...) as before, then "
+            "model.load_weights(...)."
+        )
+    _compat.reset_compiled_functions(model)
 
 
 def fit_rules_to_model(model, rules) -> dict:

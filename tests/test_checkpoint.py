@@ -258,3 +258,16 @@ def test_keras_hub_classifier_with_lora_round_trips_exactly(tmp_path):
     seeds = [v.numpy() for v in model.variables if "seed_generator" in v.path]
     assert seeds and all(np.array_equal(a, v.numpy()) for a, v in zip(
         seeds, [v for v in loaded.variables if "seed_generator" in v.path]))
+
+
+def test_saved_adapters_on_a_layer_the_rebuilt_model_lacks_fail_clearly():
+    from keras_peft.model import _restore_lora_layers
+
+    model = tiny_mlp()
+    with pytest.raises(ValueError, match=r"LoRA adapters on 1 layer\(s\) .* \['mlp/nope'\]"):
+        _restore_lora_layers(model, [{"layer": "mlp/nope", "rank": 2, "alpha": 2.0}])
+    assert not [v for v in model.weights if "lora" in v.path]
+    rebuilt = keras.Sequential.from_config(model.get_config())  # paths without "mlp/"
+    _restore_lora_layers(rebuilt, [{"layer": "mlp/block_0", "rank": 2, "alpha": 4.0}])
+    layer = rebuilt.get_layer("block_0")
+    assert (layer.lora_rank, layer.lora_alpha) == (2, 4.0)

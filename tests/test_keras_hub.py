@@ -44,3 +44,31 @@ def test_bert_classifier_wraps_fits_raw_strings_and_round_trips(tmp_path):
     report = keras_peft.report(loaded)
     row = [r for r in report.rows if r.layer == "transformer_layer_1/self_attention_layer/query"]
     assert row[0].lr_scale == 0.5
+
+
+def test_a_lora_bert_classifier_round_trips_through_model_save(tmp_path):
+    """keras-hub rebuilds a backbone from its constructor arguments, without the LoRA
+    adapters; the wrapped model's config records them, so the file loads with the exact
+    adapters and its LoRA training goes on (Keras alone would give A = B = 0)."""
+    model = tiny_bert_classifier()
+    keras_peft.wrap(model, keras_peft.lora(model, rank=2))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=False)
+    model.fit(TEXTS, LABELS, batch_size=4, epochs=2, verbose=0)
+    model.save(tmp_path / "bert.keras")
+
+    loaded = keras.models.load_model(tmp_path / "bert.keras")
+    assert keras_peft.get_rules(loaded) == keras_peft.get_rules(model)
+    saved = snapshot(model)
+    assert snapshot(loaded).keys() == saved.keys()
+    for path, value in snapshot(loaded).items():
+        np.testing.assert_array_equal(value, saved[path], err_msg=path)
+    adapters = {p for p in saved if "lora_kernel" in p}
+    assert len(adapters) == 8  # 2 layers x (query, value) x (A, B)
+    assert all(np.abs(saved[p]).max() > 0 for p in adapters)
+    np.testing.assert_allclose(
+        loaded.predict(TEXTS[:4], verbose=0), model.predict(TEXTS[:4], verbose=0), atol=1e-6)
+    before = snapshot(loaded)
+    loaded.fit(TEXTS, LABELS, batch_size=4, epochs=1, verbose=0)
+    assert changed(before, loaded) == {v.path for v in loaded.trainable_weights} >= adapters
