@@ -52,6 +52,7 @@ import json
 import os
 import re
 import sys
+import threading
 import warnings
 
 import keras
@@ -381,21 +382,93 @@ class TfKerasPeftModel(PeftModel):
         return train_function
 
     # --------------------------------------------------------- serialization
+    def save(self, filepath, *args, **kwargs):
+        # In the `.keras` format, LoRA layers are written as the layers they
+        # extend plus a list of adapters (`get_config`), which `from_config`
+        # turns back into LoRA layers. A SavedModel keeps keras-peft's Lora*
+        # classes: tf.keras cannot rebuild them from config and revives them
+        # from their traced functions, adapters included.
+        save_format = str(kwargs.get("save_format") or "").lower()
+        path = str(filepath).lower()
+        if save_format in ("h5", "hdf5") or path.endswith((".h5", ".hdf5")):
+            raise ValueError(
+                f"A tf.keras model wrapped by keras_peft cannot be saved in the legacy HDF5 "
+                f"format: tf.keras could not load it back. Received: filepath={filepath!r}"
+                + (f", save_format={save_format!r}" if save_format else "") + ". Save to a "
+                "`.keras` file (it keeps the rules and LoRA adapters), to a SavedModel "
+                "folder (for serving; it loads as a plain tf.keras model), or only what "
+                "trained with keras_peft.save_delta."
+            )
+        keras_format = save_format == "keras" or path.endswith(".keras")
+        previous = getattr(_SAVING, "keras_format", False)
+        _SAVING.keras_format = keras_format
+        try:
+            return super().save(filepath, *args, **kwargs)
+        finally:
+            _SAVING.keras_format = previous
+
     def get_config(self):
         tf_keras = _tfk()
-        with _as_base_class(self):
+        plain = getattr(_SAVING, "keras_format", False)
+        with _as_base_class(self), (_plain_lora_layers(self) if plain
+                                    else contextlib.nullcontext()):
             base = tf_keras.saving.serialize_keras_object(self)
-        return {
+        config = {
             "model": base,
             "rules": {p: r.get_config() for p, r in self._peft_rules.items()},
         }
+        if not plain:
+            return config
+        adapters = [
+            {"layer": path, "rank": int(layer.lora_rank), "alpha": float(layer.lora_alpha)}
+            for path, layer in lora_layer_paths(self).items()
+            if _adapters(layer) is not None
+        ]
+        if adapters:
+            config["lora"] = adapters
+        return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         base = _tfk().saving.deserialize_keras_object(
             config["model"], custom_objects=custom_objects
         )
+        records = config.get("lora") or []
+        if records:  # before the weights load: the file holds the adapters' values
+            layers = lora_layer_paths(base)
+            missing = [r["layer"] for r in records if r["layer"] not in layers]
+            if missing:
+                raise ValueError(
+                    f"The saved model had LoRA adapters on layer(s) {missing[:3]} that model "
+                    f"{base.name!r}, rebuilt from its config, does not have (its Dense and "
+                    f"Embedding layers: {list(layers)[:5]}...). Build the model in code, "
+                    "call keras_peft.lora(...) as before, then load the weights."
+                )
+            for record in records:
+                layer = layers[record["layer"]]
+                if _adapters(layer) is None:
+                    _enable_lora(layer, record["rank"], record["alpha"])
         return wrap(base, config["rules"])
+
+
+_SAVING = threading.local()  # keras_format: a `.keras` file is being written by `save`
+
+
+@contextlib.contextmanager
+def _plain_lora_layers(model):
+    """Gives the model's LoRA layers their own class back for a while (serialization)."""
+    bases = {lora_cls: cls for cls, lora_cls in _LORA_CLASSES.items()}
+    swapped = []
+    try:
+        for layer in _layers(model):
+            cls = type(layer)
+            if cls in bases:
+                object.__setattr__(layer, "__class__", bases[cls])
+                swapped.append((layer, cls))
+        yield
+    finally:
+        for layer, cls in swapped:
+            object.__setattr__(layer, "__class__", cls)
 
 
 class _Loader:

@@ -251,6 +251,31 @@ def test_save_and_load_keep_policy_and_weights(kv, tmp_path):
     assert len(loaded.trainable_weights) == len(model.trainable_weights) == 4
 
 
+
+def test_a_lora_model_saved_as_keras_file_loads_with_its_adapters_and_trains_on(kv, tmp_path):
+    model = kv.mlp()
+    keras_peft.wrap(model, keras_peft.lora(model, rank=2, targets=r".*block_\d"))
+    kv.compile_fit(model, epochs=2)
+    model.save(str(tmp_path / "model.keras"))
+    loaded = kv.k.models.load_model(str(tmp_path / "model.keras"))
+    assert keras_peft.is_wrapped(loaded)
+    # (A Keras 3 Sequential reloads without its name in the paths; its rules follow.)
+    saved_rules = {p.removeprefix(f"{model.name}/"): r
+                   for p, r in keras_peft.get_rules(model).items()}
+    assert keras_peft.get_rules(loaded) == saved_rules
+    assert len(loaded.weights) == len(model.weights)
+    for original, restored in zip(model.weights, loaded.weights):
+        np.testing.assert_array_equal(original.numpy(), restored.numpy())
+    adapters = [v for v in loaded.weights if "lora" in v.name]
+    assert len(adapters) == 4 and all(np.abs(v.numpy()).max() > 0 for v in adapters)
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
+                               atol=1e-6)
+    before = [v.numpy() for v in adapters]
+    kv.compile_fit(loaded)
+    assert all(not np.array_equal(b, v.numpy()) for b, v in zip(before, adapters))
+
+
 # --------------------------------------------------------------- strategies
 def trained_paths(model, rules):
     keras_peft.wrap(model, rules)

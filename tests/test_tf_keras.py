@@ -158,6 +158,28 @@ def test_tfrs_lora_on_embedding_tables_and_delta(tmp_path):
     assert keras_peft.get_rules(restored) == keras_peft.get_rules(model)
 
 
+
+def test_lora_savedmodel_serves_the_adapted_model_and_hdf5_is_refused(tmp_path):
+    model = tf_keras.Sequential([
+        tf_keras.Input((4,)), tf_keras.layers.Dense(8, name="block_0"),
+        tf_keras.layers.Dense(8, name="block_1"), tf_keras.layers.Dense(1, name="head"),
+    ], name="net")
+    keras_peft.wrap(model, keras_peft.lora(model, rank=2, targets=r".*block_\d"))
+    model.compile("adam", "mse")
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    model.fit(x, x.sum(1, keepdims=True), epochs=2, verbose=0)
+    b = [v for v in model.weights if "lora_kernel_b" in v.name]
+    assert b and all(np.abs(v.numpy()).max() > 0 for v in b)  # the adapters change outputs
+    model.save(str(tmp_path / "served"))  # a SavedModel folder
+    served = tf_keras.models.load_model(str(tmp_path / "served"))
+    np.testing.assert_allclose(served.predict(x, verbose=0), model.predict(x, verbose=0),
+                               atol=1e-5)
+    for name in ("model.h5", "model.hdf5"):
+        with pytest.raises(ValueError, match=rf"legacy HDF5 format.*filepath='.*{name}'"):
+            model.save(str(tmp_path / name))
+        assert not (tmp_path / name).exists()
+
+
 def test_a_class_with_its_own_train_step_is_refused():
     class Custom(tf_keras.Sequential):
         def train_step(self, data):  # pragma: no cover - never runs
