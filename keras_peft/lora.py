@@ -41,12 +41,20 @@ class LoraTargetError(PolicyError):
         self.targets = targets
         close = difflib.get_close_matches(targets, candidates, n=5, cutoff=0.0)
         shown = "\n".join(f"  {p}" for p in close) or "  (none)"
+        widened = ".*" + targets.strip(".*^$") + ".*"
+        try:
+            fits = sum(1 for p in candidates if re.fullmatch(widened, p))
+        except re.error:
+            fits = 0
+        if fits and widened != targets:
+            hint = f"so add '.*' where a path continues: {widened!r} would match {fits}."
+        else:
+            hint = "and no layer path contains this one either: check the names."
         super().__init__(
             f"targets={targets!r} matched no layer that supports LoRA "
             f"({len(candidates)} Dense/EinsumDense/Embedding/Conv layers). The "
             "pattern is matched with re.fullmatch against whole layer paths (a "
-            "variable's path without its last segment), so add '.*' where a path "
-            f"continues, e.g. {'.*' + targets.strip('.*^$') + '.*'!r}. Layer paths "
+            f"variable's path without its last segment), {hint} Layer paths "
             f"that look close:\n{shown}\nSee them all with keras_peft.lora_layer_paths(model)."
         )
 

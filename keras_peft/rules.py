@@ -39,11 +39,20 @@ class UnmatchedRuleError(PolicyError):
         self.pattern = pattern
         close = difflib.get_close_matches(pattern, paths, n=5, cutoff=0.0)
         shown = "\n".join(f"  {p}" for p in close)
+        widened = ".*" + pattern.strip(".*^$") + ".*"
+        try:
+            fits = sum(1 for p in paths if re.fullmatch(widened, p)) if widened != pattern else 0
+        except re.error:
+            fits = 0
+        if fits:  # a pattern written for part of the path
+            hint = (f"Patterns are matched with re.fullmatch against whole paths, so add '.*' "
+                    f"where a path continues: {widened!r} would match {fits}.")
+        else:  # '.*' is not what is missing: a misspelt or stale name
+            hint = ("Patterns are matched with re.fullmatch against whole paths, and no path "
+                    "contains this one either: check the names against the paths.")
         super().__init__(
             f"Rule pattern {pattern!r} matched no variable path of the model "
-            f"({len(paths)} variables). Patterns are matched with re.fullmatch "
-            "against whole paths, so add '.*' where a path continues "
-            f"(e.g. {'.*' + pattern.strip('.*^$') + '.*'!r}). "
+            f"({len(paths)} variables). {hint} "
             f"Paths that look close:\n{shown}\n"
             "See them all with keras_peft.variable_paths(model)."
         )

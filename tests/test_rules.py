@@ -83,6 +83,15 @@ def test_patterns_must_match_the_whole_path():
     assert "re.fullmatch" in message and "'.*query.*'" in message
     assert "transformer_layer_0/self_attention_layer/query" in message  # a close path
     assert info.value.pattern == "query"
+    assert "'.*query.*' would match 3" in message
+
+
+def test_a_misspelt_pattern_is_not_told_to_add_wildcards():
+    with pytest.raises(UnmatchedRuleError) as info:
+        resolve(PATHS, {".*transformer_layr_0/.*": Rule(trainable=False)})
+    message = str(info.value)
+    assert "add '.*'" not in message and "check the names against the paths" in message
+    assert "transformer_layer_0/" in message  # the close paths show the right spelling
 
 
 def test_allow_unmatched():
