@@ -39,8 +39,12 @@ _COLUMNS = ("path", "params", "grad_norm", "weight_norm", "rgn", "lr_scale", "tr
 
 
 @dataclasses.dataclass(frozen=True)
-class AutoResult:
+class AutoResult(collections.abc.Mapping):
     """What `keras_peft.auto` measured and decided.
+
+    It is also a read-only mapping of its `rules`, so that it goes wherever
+    rules go, like every other strategy's result:
+    `keras_peft.wrap(model, keras_peft.auto(model, data))`, `combine(...)`.
 
     Attributes:
         rules: ordered `{re.escape(path): Rule}`, one per measured variable, in
@@ -64,6 +68,16 @@ class AutoResult:
     num_batches: int
     budget: int | None
     total_params: int
+
+    # The Mapping protocol, over `rules`.
+    def __getitem__(self, pattern: str) -> Rule:
+        return self.rules[pattern]
+
+    def __iter__(self):
+        return iter(self.rules)
+
+    def __len__(self) -> int:
+        return len(self.rules)
 
     @property
     def trainable_params(self) -> int:

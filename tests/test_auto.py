@@ -214,6 +214,21 @@ def test_wrapped_model_trains_the_selection_and_report_shows_rgn():
     assert model._peft_scales == {p: (s, 1.0) for p, s in scales.items() if s != 1.0}
 
 
+
+def test_the_result_goes_wherever_rules_go():
+    """Like every other strategy: wrap(model, auto(...)) and combine(auto(...), ...)."""
+    x, y = regression_data()
+    model = biased_mlp()
+    result = keras_peft.auto(model, (x, y), loss="mse", budget=60, verbose=0)
+    assert dict(result) == result.rules and len(result) == len(result.rules)
+    keras_peft.wrap(model, result)
+    assert keras_peft.get_rules(model) == result.rules
+    other = biased_mlp()
+    combined = keras_peft.combine({r"mlp/head/.*": Rule(lr_scale=0.5)}, result)
+    keras_peft.wrap(other, combined)
+    assert other.peft_plan.by_path()["mlp/head/kernel"].lr_scale == 0.5
+
+
 def test_table_and_verbose_output(capsys):
     x, y = regression_data()
     result = keras_peft.auto(biased_mlp(), (x, y), loss="mse", budget=30, num_batches=3,
