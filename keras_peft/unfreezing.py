@@ -19,7 +19,7 @@ import keras
 from keras_peft import _compat
 from keras_peft.depth import Blocks, model_blocks
 from keras_peft.model import PeftModel
-from keras_peft.rules import Rule
+from keras_peft.rules import Rule, resolve
 
 __all__ = ["GradualUnfreezing", "gradual_unfreezing"]
 
@@ -159,6 +159,7 @@ class GradualUnfreezing(keras.callbacks.Callback):
         self._paths = [v.path for v in model.weights]
         self._epoch = 0
         self.base_rules = self._base_rules(model)
+        self._check_base_unfreezes()
         self.stage = None
         self._steps = self.params.get("steps") if self.params else None
         self._counted = None  # global step counted here when steps per epoch is unknown
@@ -187,6 +188,36 @@ class GradualUnfreezing(keras.callbacks.Callback):
         self._apply(self.stage_at(self._epoch, step), self._epoch, step)
 
     # ------------------------------------------------------------ helpers
+    def _check_base_unfreezes(self) -> None:
+        """Refuses a base policy that freezes every block itself (e.g. head_only).
+
+        Unfreezing a block only gives it back to the base policy; a block the
+        base freezes stays frozen, so the schedule would print its stages and
+        train nothing more than the head.
+        """
+        plan = resolve(self._paths, self.base_rules, allow_unmatched=True).by_path()
+        kept = [
+            g.name for g in self._blocks.blocks
+            if g.paths and all(plan[p].trainable is False for p in g.paths)
+        ]
+        blocks = [g.name for g in self._blocks.blocks if g.paths]
+        if blocks and len(kept) == len(blocks):
+            raise ValueError(
+                f"GradualUnfreezing would unfreeze nothing: the rules model "
+                f"{self.model.name!r} had when training began (its base policy) freeze every "
+                f"block themselves ({', '.join(kept[:3])}{'...' if len(kept) > 3 else ''}), "
+                "as head_only does, and unfreezing a block gives it back to the "
+                "base policy. Wrap with the policy for the end of the schedule and let the "
+                "callback freeze the rest, e.g. keras_peft.wrap(model, {'.*': keras_peft.Rule()}) "
+                "or keras_peft.wrap(model, keras_peft.layerwise_lr_decay(model, 0.8))."
+            )
+        if kept:
+            warnings.warn(
+                f"GradualUnfreezing: the base policy of model {self.model.name!r} freezes "
+                f"block(s) {kept} itself, so they stay frozen when their stage comes.",
+                stacklevel=2,
+            )
+
     def _base_rules(self, model) -> dict:
         """The model's rules without ours, plus `Rule()` for undecided trainable parts."""
         rules = model.peft_rules

@@ -193,6 +193,23 @@ def test_base_rules_that_leave_parts_undecided_or_frozen():
         HEAD, HEAD, HEAD | B0, HEAD | B0 | STEM]
 
 
+
+def test_a_base_policy_that_freezes_every_block_is_refused_not_run_as_a_no_op():
+    """With head_only as the base, 'unfreezing' a block gives it back to a policy that
+    freezes it: the schedule would print stages and train only the head."""
+    model = keras_peft.wrap(net(), keras_peft.head_only(net()))
+    model.compile(optimizer="adam", loss="mse")
+    rules, before = dict(model.peft_rules), snapshot(model)
+    with pytest.raises(ValueError, match=r"(?s)GradualUnfreezing would unfreeze nothing.*"
+                                         r"block_0, block_1.*\{'\.\*': keras_peft\.Rule\(\)\}"):
+        fit(model, [keras_peft.gradual_unfreezing()], epochs=2)
+    assert model.peft_rules == rules and changed(before, model) == set()
+
+    partly = compiled({r".*block_1/.*": Rule(trainable=False), ".*": Rule()})
+    with pytest.warns(UserWarning, match=r"freezes block\(s\) \['block_1'\] itself"):
+        fit(partly, [keras_peft.gradual_unfreezing()], epochs=1)
+
+
 def test_a_second_run_takes_the_original_base_policy():
     model = compiled({r".*head/.*": Rule(lr_scale=2.0), ".*": Rule()})
     first = keras_peft.GradualUnfreezing()
