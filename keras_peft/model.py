@@ -281,11 +281,25 @@ def _check_model(model):
         from keras_peft.tf_keras import check_not_mixed
 
         check_not_mixed(model)
+        _check_no_own_train_step(model)
         return
     raise TypeError(
         "keras_peft.wrap expects a Keras 3 `keras.Model` or a tf.keras (Keras 2) "
         f"model. Received: {type(model).__module__}.{type(model).__name__}."
     )
+
+
+def _check_no_own_train_step(model) -> None:
+    """Refuses a model class with its own `train_step`: wrapping would replace it silently."""
+    for cls in type(model).__mro__:
+        if "train_step" in vars(cls) and not cls.__module__.startswith(("keras.", "keras_peft.")):
+            raise TypeError(
+                f"Cannot wrap model {model.name!r}: its class {cls.__name__} defines its own "
+                "`train_step`, which keras_peft would replace by its own (to apply the rules' "
+                "trainability and lr_scale/grad_scale), silently dropping yours. Keep Keras' "
+                "train_step and put the loss in `compute_loss(x, y, y_pred, sample_weight)` "
+                "(Keras calls it from its step, and so does keras_peft's)."
+            )
 
 
 def _sync_optimizer(model) -> None:

@@ -303,3 +303,35 @@ def test_set_rules_returns_undecided_variables_to_their_state_before_wrap():
     model.set_rules({r".*head/.*": Rule(trainable=False)})
     assert {v.path for v in model.weights if not v.trainable} == {"mlp/head/kernel",
                                                                   "mlp/head/bias"}
+
+
+def test_a_class_with_its_own_train_step_is_refused_and_compute_loss_is_used():
+    class OwnStep(keras.Model):
+        def train_step(self, data):  # pragma: no cover - never runs
+            raise AssertionError("keras_peft must not run or replace this silently")
+
+    inputs = keras.Input((4,))
+    model = OwnStep(inputs, keras.layers.Dense(1, name="head")(inputs), name="own")
+    with pytest.raises(TypeError, match=r"its class OwnStep defines its own `train_step`"):
+        keras_peft.wrap(model, {".*": Rule()})
+    assert type(model) is OwnStep and not keras_peft.is_wrapped(model)
+
+    class OwnLoss(keras.Model):
+        def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, **kwargs):
+            return keras.ops.mean(keras.ops.abs(y_pred - 100.0))  # ignores y
+
+    def own_loss_model():
+        keras.utils.set_random_seed(3)
+        inputs = keras.Input((4,))
+        model = OwnLoss(inputs, keras.layers.Dense(1, name="head")(inputs), name="own_loss")
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        return model
+
+    x, y = regression_data()
+    plain, wrapped = own_loss_model(), keras_peft.wrap(own_loss_model(), {".*": Rule()})
+    histories = [m.fit(x, y, epochs=2, verbose=0, shuffle=False) for m in (plain, wrapped)]
+    assert histories[1].history["loss"][0] > 90  # |y_pred - 100|: the model's own loss ran
+    np.testing.assert_allclose(histories[1].history["loss"], histories[0].history["loss"],
+                               rtol=1e-6)
+    for a, b in zip(wrapped.weights, plain.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, err_msg=a.path)
