@@ -37,6 +37,7 @@ and `CachedPrefix.fit` reshuffles the cached examples every epoch.
 
 from __future__ import annotations
 
+import collections.abc
 import difflib
 import itertools
 import os
@@ -509,9 +510,24 @@ def _as_dataset(model, x, y, sample_weight, batch_size):
             )
         dataset = x
     else:
+        if isinstance(x, (collections.abc.Iterator, keras.utils.PyDataset)) or callable(x):
+            raise TypeError(
+                "cache_prefix takes arrays (x, y) or a tf.data.Dataset of batches, so that "
+                f"it can check the data for randomness. Received: x={type(x).__name__}. "
+                "Wrap a generator with tf.data.Dataset.from_generator(...) (it is then "
+                "opaque to the check: keep it deterministic), or pass the arrays."
+            )
         elements = tuple(e for e in (x, y, sample_weight) if e is not None)
         if sample_weight is not None and y is None:
             raise ValueError("`sample_weight` needs `y`.")
+        lengths = {name: len(e) for name, e in (("x", x), ("y", y), ("sample_weight",
+                   sample_weight)) if e is not None and not isinstance(e, dict)
+                   and hasattr(e, "__len__")}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(
+                "x, y and sample_weight must have one entry per example. Received lengths "
+                + ", ".join(f"{k}={v}" for k, v in lengths.items()) + "."
+            )
         dataset = tf.data.Dataset.from_tensor_slices(
             elements[0] if len(elements) == 1 else elements).batch(batch_size or 32)
     if getattr(model, "preprocessor", None) is not None and hasattr(model, "preprocess_samples"):

@@ -244,6 +244,19 @@ def test_random_augmentation_is_refused_in_the_prefix_and_in_the_pipeline():
     assert cache_prefix(model, shuffled, verbose=0).num_examples == 64
 
 
+
+def test_bad_data_gets_a_clear_error():
+    x, y = regression_data()
+    model = compile_mse(mlp())
+    keras_peft.wrap(model, keras_peft.top_layers(model, 1))
+    with pytest.raises(ValueError, match=r"one entry per example. Received lengths x=64, y=10"):
+        cache_prefix(model, x, y[:10], verbose=0)
+    batches = ((x[i:i + 8], y[i:i + 8]) for i in range(0, 64, 8))
+    with pytest.raises(TypeError, match=r"Received: x=generator. Wrap a generator with "
+                                        r"tf.data.Dataset.from_generator"):
+        cache_prefix(model, batches, verbose=0)
+
+
 def test_fit_refuses_when_the_prefix_became_trainable_or_nothing_is_compiled():
     x, y = regression_data()
     model = mlp()
