@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 
 import keras
@@ -292,6 +293,36 @@ def _read(path: str) -> tuple[dict, dict]:
     return header, tensors
 
 
+def _fit_saved_paths(model, header: dict, tensors: dict, record: list):
+    """The delta's paths without the saved model's name, when `model`'s paths lack it.
+
+    A `keras.Sequential` built in code names its variables `<name>/<layer>/...`;
+    the same model loaded with `keras.models.load_model` names them
+    `<layer>/...`. A delta saved from one then fits the other once the
+    prefix is dropped from its variable paths, LoRA layers and rule patterns.
+    """
+    name = (header.get("model") or {}).get("name")
+    prefix = f"{name}/"
+    paths = {v.path for v in model.weights}
+    if (not name or not tensors or any(p.startswith(prefix) for p in paths)
+            or not all(p.startswith(prefix) for p in tensors)
+            or not any(p.removeprefix(prefix) in paths for p in tensors)):
+        return header, tensors, record
+    heads = (re.escape(prefix), prefix)
+
+    def pattern(p):
+        head = next((h for h in heads if p.startswith(h)), "")
+        return p[len(head):]
+
+    header = dict(header)
+    header["variables"] = {p.removeprefix(prefix): d for p, d in header["variables"].items()}
+    if header.get("rules"):
+        header["rules"] = {pattern(p): r for p, r in dict(header["rules"]).items()}
+    tensors = {p.removeprefix(prefix): a for p, a in tensors.items()}
+    record = [{**e, "layer": e["layer"].removeprefix(prefix)} for e in record]
+    return header, tensors, record
+
+
 def _plan_lora(model, record: list, path: str) -> tuple[list, dict]:
     """Which layers need adapters, and the `{path: (shape, dtype)}` those will have."""
     layers = lora_layer_paths(model)
@@ -443,6 +474,7 @@ def load_delta(model, path):
         raise DeltaFileError(
             f"Cannot read delta file {path!r}: its LoRA record is damaged ({e})."
         ) from None
+    header, tensors, record = _fit_saved_paths(model, header, tensors, record)
     to_enable, planned = _plan_lora(model, record, path)
     _check_fit(model, header, tensors, planned, path)
 

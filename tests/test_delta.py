@@ -353,3 +353,23 @@ def test_int8_base_model_round_trip(tmp_path):
     fresh = keras_peft.load_delta(base(), tmp_path / "q.safetensors")
     x, _ = regression_data(8)
     np.testing.assert_allclose(fresh.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+
+
+def test_a_delta_loads_onto_the_same_sequential_reloaded_from_a_keras_file(tmp_path):
+    """Built in code, a Sequential's paths start with its name ('mlp/block_0/...');
+    reloaded with load_model they do not. The delta fits once the name is dropped."""
+    tiny_mlp().save(tmp_path / "base.keras")
+    model = tiny_mlp()
+    keras_peft.wrap(model, keras_peft.lora(model, rank=2, targets=r".*block_\d"))
+    compile_fit(model, epochs=2)
+    keras_peft.save_delta(model, tmp_path / "run.safetensors")
+
+    base = keras.models.load_model(tmp_path / "base.keras")
+    assert base.weights[0].path == "block_0/kernel"
+    restored = keras_peft.load_delta(base, tmp_path / "run.safetensors")
+    x, _ = regression_data(8)
+    np.testing.assert_allclose(restored.predict(x, verbose=0), model.predict(x, verbose=0),
+                               atol=1e-6)
+    assert list(restored.peft_rules) == [p.removeprefix("mlp/") for p in model.peft_rules]
+    assert {v.path for v in restored.trainable_weights} == {
+        v.path.removeprefix("mlp/") for v in model.trainable_weights}
