@@ -383,8 +383,14 @@ def fit_rules_to_model(model, rules) -> dict:
 
     rules = normalize_rules(rules)
     paths = [v.path for v in model.weights]
+
+    def check(candidate):  # wrap() reports shadowed rules itself, once
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            resolve(paths, candidate)
+
     try:
-        resolve(paths, rules)
+        check(rules)
         return rules
     except UnmatchedRuleError as error:
         prefix = f"{model.name}/"
@@ -398,7 +404,7 @@ def fit_rules_to_model(model, rules) -> dict:
         if len(fitted) != len(rules) or list(fitted) == list(rules):
             raise
         try:
-            resolve(paths, fitted)
+            check(fitted)
         except UnmatchedRuleError:
             raise error from None
         return fitted
