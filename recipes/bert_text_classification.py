@@ -566,6 +566,29 @@ def run_strategy(strategy: Strategy, args, data: TextData, preset: str, pooling:
     return result
 
 
+# Settings that may differ between an interrupted run and the one that resumes it.
+_RUN_SPECIFIC = ("started", "device", "versions")
+
+
+def _finished_run(strategy: Strategy, args, settings: dict) -> dict | None:
+    """With --resume: the results of `strategy` if an earlier run of the same command
+    finished it (its results.json, written last, has the same settings), else None."""
+    path = os.path.join(args.output_dir, strategy.slug, "results.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            result = json.load(f)
+    except (OSError, ValueError):
+        return None
+
+    def same(a: dict) -> dict:
+        return {k: v for k, v in a.items() if k not in _RUN_SPECIFIC}
+
+    if result.get("strategy") != strategy.spec or same(result.get("settings", {})) != same(
+            json.loads(json.dumps(settings))):
+        return None
+    return result
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Fine-tune a BERT text classifier (keras-hub) with a keras-peft strategy.",
@@ -624,7 +647,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="back up training to DIR/<strategy> (every epoch, or every "
                         "--backup-every steps) and, if a backup is there, resume from it: run "
                         "the same command again after an interruption; a finished run deletes "
-                        "its backup")
+                        "its backup; with --compare, strategies that had finished are reused")
     p.add_argument("--backup-every", type=int, default=None, metavar="STEPS",
                    help="with --resume, back up every this many steps instead of every epoch")
     p.add_argument("--skip-nonfinite", action=argparse.BooleanOptionalAction, default=False,
@@ -691,6 +714,8 @@ def main(argv=None) -> dict:
         "train_examples": len(data.train), "validation_examples": len(data.validation),
         "epochs": args.epochs, "batch_size": args.batch_size, "schedule": args.schedule,
         "warmup": args.warmup, "weight_decay": args.weight_decay, "seed": args.seed,
+        "learning_rate": args.learning_rate, "sequence_length": args.sequence_length,
+        "dropout": args.dropout, "pooling": pooling, "skip_nonfinite": args.skip_nonfinite,
         "mixed_precision": mixed, "xla": args.xla, "device": device,
         "versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
                      "keras": keras.__version__, "keras_peft": keras_peft.__version__},
@@ -707,6 +732,15 @@ def main(argv=None) -> dict:
         for strategy in strategies:
             if len(strategies) > 1:
                 print(f"\n=== {strategy.spec} ===", flush=True)
+            finished = _finished_run(strategy, args, settings) if args.resume else None
+            if finished is not None:
+                print(f"{strategy.spec}: finished in an earlier run of this command (--resume); "
+                      f"reusing {os.path.join(args.output_dir, strategy.slug, 'results.json')}",
+                      flush=True)
+                results.append(finished)
+                if args.compare:
+                    comparison = write_comparison(results, args, data, pooling, settings)
+                continue
             try:
                 results.append(run_strategy(strategy, args, data, preset, pooling, reason,
                                             settings))

@@ -299,6 +299,42 @@ def test_resume_after_a_crash_ends_like_an_uninterrupted_run(tiny_preset, sentim
                if path in untouched)
 
 
+
+def test_resumed_comparison_reuses_the_strategies_that_had_finished(
+        tiny_preset, sentiment_file, tmp_path, monkeypatch, capsys):
+    argv = ["--preset", tiny_preset, "--data", sentiment_file, "--compare", "bitfit,lora:2",
+            "--pooling", "mean", "--sequence-length", "12", "--batch-size", "8", "--no-xla",
+            "--verbose", "0", "--output-dir", str(tmp_path / "out"),
+            "--resume", str(tmp_path / "backups")]
+    real_run = recipe.run_strategy
+
+    def crash_in_lora(strategy, *args):
+        if strategy.name == "lora":
+            raise KeyboardInterrupt  # stands in for a killed process
+        return real_run(strategy, *args)
+
+    monkeypatch.setattr(recipe, "run_strategy", crash_in_lora)
+    with pytest.raises(KeyboardInterrupt):
+        recipe.main(argv)
+    monkeypatch.setattr(recipe, "run_strategy", real_run)
+    with open(tmp_path / "out" / "bitfit" / "results.json") as f:
+        first = json.load(f)
+    capsys.readouterr()
+
+    runs = recipe.main(argv)["runs"]
+    printed = capsys.readouterr().out
+    assert "bitfit: finished in an earlier run of this command (--resume)" in printed
+    assert "lora:2: finished" not in printed
+    assert [r["strategy"] for r in runs] == ["bitfit", "lora:2"]
+    assert runs[0] == first  # reused as written, not trained again
+    # Other settings (here the seed) are another command: nothing is reused.
+    args = recipe.parse_args([*argv, "--seed", "1"])
+    settings = {**first["settings"], "seed": 1}
+    assert recipe._finished_run(recipe.parse_strategy("bitfit"), args, settings) is None
+    assert recipe._finished_run(recipe.parse_strategy("bitfit"), args,
+                                first["settings"]) == first
+
+
 def test_backup_every_needs_resume(sentiment_file):
     with pytest.raises(SystemExit):
         recipe.parse_args(["--backup-every", "5"])
