@@ -47,6 +47,16 @@ def flatten_layers(model):
     return list(model._flatten_layers(include_self=True, recursive=True))
 
 
+def own_variables(layer) -> list:
+    """The variables `layer` created itself (not those of its sublayers)."""
+    return list(layer._trainable_variables) + list(layer._non_trainable_variables)
+
+
+def direct_sublayers(layer) -> list:
+    """The layers tracked directly by `layer` (one level down, no recursion)."""
+    return list(layer._flatten_layers(include_self=False, recursive=False))
+
+
 def trainable_capable(model) -> set[int]:
     """Ids of the variables that were created trainable (`add_weight(trainable=True)`).
 
@@ -64,13 +74,75 @@ def unknown_variables(optimizer, variables) -> list | None:
     A Keras 3 optimizer refuses variables it was not built with ("Unknown
     variable"), so variables that become trainable later need a rebuilt one.
     """
-    inner = getattr(optimizer, "inner_optimizer", None)  # LossScaleOptimizer
-    if inner is not None:
-        optimizer = inner
+    optimizer = inner_optimizer(optimizer)  # a LossScaleOptimizer's
     if not optimizer.built:
         return None
     known = optimizer._trainable_variables_indices
     return [v for v in variables if optimizer._var_key(v) not in known]
+
+
+class layer_flags_shown_as:  # a context manager, named like a function
+    """Makes `layer.trainable` read as given, for `{layer: bool}`, without side effects.
+
+    `model.summary(show_trainable=True)` prints each layer's `trainable`
+    flag; the public setter would also set every variable's flag, so the
+    backing attribute `_trainable` (the same in Keras 3 and tf.keras) is
+    swapped for the duration of the summary and put back after.
+    """
+
+    def __init__(self, flags: dict):
+        self.flags = flags
+
+    def __enter__(self):
+        self.saved = [(layer, layer._trainable) for layer in self.flags]
+        for layer, flag in self.flags.items():
+            layer._trainable = flag
+
+    def __exit__(self, *exc):
+        for layer, flag in self.saved:
+            layer._trainable = flag
+
+
+# ------------------------------------------------------------------ EMA
+# An optimizer with `use_ema=True` updates a moving average of each variable
+# inside its own step and, every `ema_overwrite_frequency` steps, writes the
+# averages into the variables. keras-peft's `lr_scale` rescales the update
+# after that step, so it corrects the averages (and does the overwrite
+# itself); the averages and the overwrite switch are private attributes of
+# both Keras 3 and tf.keras optimizers.
+
+
+def inner_optimizer(optimizer):
+    """The optimizer that does the update (a LossScaleOptimizer's inner one)."""
+    return getattr(optimizer, "inner_optimizer", None) or optimizer
+
+
+def ema_averages(optimizer, variables) -> list:
+    """The moving-average slots of `variables` in an optimizer with `use_ema=True`."""
+    averages = optimizer._model_variables_moving_average
+    if hasattr(optimizer, "_get_variable_index"):  # Keras 3
+        return [averages[optimizer._get_variable_index(v)] for v in variables]
+    return [averages[optimizer._index_dict[optimizer._var_key(v)]] for v in variables]
+
+
+def ema_first_step_momentum(optimizer) -> bool:
+    """Whether the optimizer's first EMA update copies the variable (Keras 3) or not (tf.keras)."""
+    return hasattr(optimizer, "_get_variable_index")
+
+
+class ema_overwrite_off:  # a context manager, named like a function
+    """Switches the optimizer's own EMA overwrite off while it is traced (keras-peft does it)."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def __enter__(self):
+        self.frequency = self.optimizer.ema_overwrite_frequency
+        self.optimizer.ema_overwrite_frequency = None
+        return self.frequency
+
+    def __exit__(self, *exc):
+        self.optimizer.ema_overwrite_frequency = self.frequency
 
 
 def is_keras3_model(model) -> bool:

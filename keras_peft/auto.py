@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_peft import _compat
-from keras_peft.depth import model_blocks
+from keras_peft.depth import head_and_neck
 from keras_peft.rules import Rule
 
 __all__ = ["AutoResult", "auto"]
@@ -403,7 +403,7 @@ def auto(
     total = sum(math.prod(v.shape) for v in weights)
     budget = _check_budget(budget, total)
     loss_fn = _loss_function(model, loss)
-    head = set(model_blocks(model, block_names).head.paths)
+    head = set(head_and_neck(model, block_names)[0].paths)
 
     capable = _compat.trainable_capable(model)
     variables = [

@@ -22,16 +22,29 @@ How blocks are found, in order:
 3. Otherwise each top-level layer that has weights is a block (Sequential
    and small functional models), and the last one is the head.
 
-If none of this yields at least two blocks, `BlockInferenceError` says so and
-asks for `block_names=`.
+Where the backbone is a nested model (keras-hub's `model.backbone`, or one
+sub-model holding most of the parameters, as in
+`keras.Model(inputs, head(base(inputs)))` with a keras.applications or a
+`Sequential` base), the head is what lies outside it, blocks are looked for
+inside it (its own top-level layers in step 3), and what follows its last
+block is the neck (MobileNetV2's `Conv_1`, EfficientNet's `top_conv`).
+Without a nested backbone, the head is the trailing Dense-like layers after
+the last block (or the last layer), and the layers between them and the
+last block are the neck.
+
+If no block is found, `BlockInferenceError` lists the layers and asks for
+`block_names=`; `head_only` and `bitfit` need only the head.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
-__all__ = ["Group", "Blocks", "BlockInferenceError", "model_blocks"]
+from keras_peft import _compat
+
+__all__ = ["Group", "Blocks", "BlockInferenceError", "model_blocks", "head_and_neck"]
 
 _BLOCK_SEGMENT = re.compile(
     r"(?P<key>transformer_layer_\d+|(?:[A-Za-z]+\d+_)?(?:block|layer|stage)_?\d+[a-z]?)(?=_|$)"
@@ -100,14 +113,6 @@ def _alternatives(names) -> str:
     return names[0] if len(names) == 1 else f"(?:{'|'.join(names)})"
 
 
-def _head_ids(model) -> set[int] | None:
-    backbone = getattr(model, "backbone", None)
-    if backbone is None or backbone is model or not hasattr(backbone, "weights"):
-        return None
-    inside = {id(v) for v in backbone.weights}
-    return {id(v) for v in model.weights if id(v) not in inside}
-
-
 def _auto_block_keys(paths: list[str]) -> dict[str, str]:
     """path -> block prefix, for paths with a block-like segment."""
     keys = {}
@@ -159,7 +164,7 @@ def model_blocks(model, block_names=None) -> Blocks:
         A `Blocks`, printable as a table.
 
     Raises:
-        BlockInferenceError: fewer than two blocks could be found.
+        BlockInferenceError: no block could be found.
 
     Example:
 
@@ -176,66 +181,174 @@ def model_blocks(model, block_names=None) -> Blocks:
     print(keras_peft.model_blocks(model))
     ```
     """
-    from keras_peft.model import variable_paths
+    return _split(model, block_names, require_blocks=True)
 
+
+def head_and_neck(model, block_names=None) -> tuple[Group, Group | None]:
+    """`(head, neck)` of `model`; the neck is None when the blocks cannot be inferred.
+
+    The head needs no blocks (the layers after a nested backbone, or the
+    model's last layers), so `head_only` and `bitfit` work on any model.
+    """
+    found = _split(model, block_names, require_blocks=False)
+    return found.head, (found.neck if found.blocks else None)
+
+
+# -------------------------------------------------------------------- steps
+def _size(variables) -> int:
+    return sum(math.prod(v.shape) for v in variables)
+
+
+def _is_model(layer) -> bool:
+    return hasattr(layer, "layers") and hasattr(layer, "compile")
+
+
+def _backbone(model):
+    """The sub-model that holds the backbone, or None.
+
+    A keras-hub task's `model.backbone`; otherwise the one nested model (a
+    keras.applications encoder, a nested `Sequential`) that holds more than
+    half of the parameters, as in `keras.Model(inputs, head(base(inputs)))`.
+    """
+    backbone = getattr(model, "backbone", None)
+    if backbone is not None and backbone is not model and hasattr(backbone, "weights"):
+        return backbone
+    subs = [layer for layer in _compat.direct_sublayers(model)
+            if _is_model(layer) and layer.weights]
+    if not subs:
+        return None
+    big = max(subs, key=lambda layer: _size(layer.weights))
+    return big if 2 * _size(big.weights) > _size(model.weights) else None
+
+
+def _top_layers(scope) -> list:
+    """The direct sublayers of `scope` that have weights, in order."""
+    return [layer for layer in _compat.direct_sublayers(scope) if layer.weights]
+
+
+def _trailing_head(post: list[str], owners: dict[str, object]) -> list[str]:
+    """The head among the layers after the last block: the trailing Dense-like layers.
+
+    `post` lists layer paths in model order. The classifier at the end
+    (Dense, EinsumDense) is the head; the convolutions and norms before it
+    (MobileNet's `Conv_1`, EfficientNet's `top_conv`) are the neck. Without a
+    trailing Dense layer, the last layer is the head.
+    """
+    head = []
+    for layer in reversed(post):
+        if type(owners.get(layer)).__name__ not in _HEAD_TYPES:
+            break
+        head.insert(0, layer)
+    return head or post[-1:]
+
+
+_HEAD_TYPES = ("Dense", "EinsumDense")
+
+
+def _split(model, block_names, require_blocks: bool) -> Blocks:
+    from keras_peft.model import variable_owners, variable_paths
+
+    backbone = _backbone(model)
     weights = model.weights
     paths = variable_paths(model)
     path_of = dict(zip((id(v) for v in weights), paths))
-    head_ids = _head_ids(model)
-    head = [path_of[id(v)] for v in weights if head_ids is not None and id(v) in head_ids]
-    body = [p for p in paths if p not in set(head)]
+    if backbone is not None and len(backbone.weights) == len(weights):
+        return _split(backbone, block_names, require_blocks)  # the head is inside it
+    head: list[str] = []
+    outside: list[str] = []
+    if backbone is not None:
+        inside = {id(v) for v in backbone.weights}
+        first = next(i for i, v in enumerate(weights) if id(v) in inside)
+        outside = [path_of[id(v)] for v in weights[:first] if id(v) not in inside]
+        head = [path_of[id(v)] for v in weights[first:] if id(v) not in inside]
+    body = [p for p in paths if p not in set(head) | set(outside)]
 
     if block_names is not None:
-        if isinstance(block_names, str):
-            raise ValueError(
-                f"`block_names` must be a list of names. Received: {block_names!r}."
-            )
-        index = _given_block_keys(body, list(block_names))
-        members = [[p for p in body if index.get(p) == i] for i in range(len(block_names))]
-        groups = [_group(str(b), m) for b, m in zip(block_names, members)]
-        key_of = {p: i for p, i in index.items()}
+        groups, key_of = _given_blocks(body, block_names)
     else:
-        keys = _auto_block_keys(body)
-        order = list(dict.fromkeys(keys[p] for p in body if p in keys))
-        if len(order) >= 2:
-            groups = [
-                _group(k.rsplit("/", 1)[-1], [p for p in body if keys.get(p) == k], [k])
-                for k in order
-            ]
-            key_of = {p: order.index(k) for p, k in keys.items()}
-        else:
-            # Fallback: each top-level layer with weights is a block.
-            layers = [layer for layer in model.layers if layer.weights]
-            if head_ids is None and len(layers) >= 2:
-                head_layer = layers.pop()
-                head = [path_of[id(v)] for v in head_layer.weights]
-                body = [p for p in body if p not in set(head)]
-            if len(layers) < 2:
-                raise BlockInferenceError(
-                    f"Cannot infer the blocks of model {model.name!r}: no layer names like "
-                    "'transformer_layer_N', 'blockN', 'stageN', and fewer than two top-level "
-                    f"layers with weights ({[layer.name for layer in model.layers]}). Pass "
-                    "the ordered block names, e.g. block_names=['encoder_0', 'encoder_1']."
-                )
-            ids = [{id(v) for v in layer.weights} for layer in layers]
-            key_of = {}
-            for v in weights:
-                for i, s in enumerate(ids):
-                    if id(v) in s:
-                        key_of[path_of[id(v)]] = i
-                        break
-            groups = [
-                _group(layer.name, [p for p in body if key_of.get(p) == i])
-                for i, layer in enumerate(layers)
-            ]
-    first = min((paths.index(g.paths[0]) for g in groups if g.paths), default=0)
-    stem = [p for p in body if p not in key_of and paths.index(p) < first]
-    neck = [p for p in body if p not in key_of and p not in set(stem)]
-    if head_ids is None and not head and neck:
-        head, neck = neck, []
+        groups, key_of = _named_blocks(body)
+        if not groups:
+            groups, key_of, head = _layer_blocks(
+                model, backbone, path_of, body, head, require_blocks)
+            body = [p for p in body if p not in set(head)]
+    first_block = min((paths.index(g.paths[0]) for g in groups if g.paths), default=len(paths))
+    stem = outside + [p for p in body if p not in key_of and paths.index(p) < first_block]
+    rest = [p for p in body if p not in key_of and p not in set(stem)]
+    if backbone is None and not head and rest:
+        owners = {path_of[i]: layer for i, layer in variable_owners(model).items() if i in path_of}
+        layers = list(dict.fromkeys(_layer_of(p) for p in rest))
+        heads = set(_trailing_head(layers, {_layer_of(p): owners.get(p) for p in rest}))
+        head = [p for p in rest if _layer_of(p) in heads]
+        rest = [p for p in rest if _layer_of(p) not in heads]
     return Blocks(
         stem=_group("stem", stem),
         blocks=tuple(groups),
-        neck=_group("neck", neck),
+        neck=_group("neck", rest),
         head=_group("head", head),
+    )
+
+
+def _given_blocks(body: list[str], block_names) -> tuple[list[Group], dict]:
+    if isinstance(block_names, str):
+        raise ValueError(
+            f"`block_names` must be a list of names. Received: {block_names!r}."
+        )
+    index = _given_block_keys(body, list(block_names))
+    members = [[p for p in body if index.get(p) == i] for i in range(len(block_names))]
+    return [_group(str(b), m) for b, m in zip(block_names, members)], dict(index)
+
+
+def _named_blocks(body: list[str]) -> tuple[list[Group], dict]:
+    """Blocks from block-like layer names (`transformer_layer_N`, `blockN`, ...); [] if < 2."""
+    keys = _auto_block_keys(body)
+    order = list(dict.fromkeys(keys[p] for p in body if p in keys))
+    if len(order) < 2:
+        return [], {}
+    groups = [
+        _group(k.rsplit("/", 1)[-1], [p for p in body if keys.get(p) == k], [k]) for k in order
+    ]
+    return groups, {p: order.index(k) for p, k in keys.items()}
+
+
+def _layer_blocks(model, backbone, path_of, body, head, require_blocks):
+    """Fallback: each top-level layer with weights (of the backbone, if any) is a block.
+
+    Without a backbone, the last such layer is the head. Returns
+    `(groups, key_of, head)`; raises `BlockInferenceError` when no block is
+    left and `require_blocks`.
+    """
+    scope = backbone if backbone is not None else model
+    layers = _top_layers(scope)
+    if backbone is None and layers:
+        head = [path_of[id(v)] for v in layers.pop().weights]
+    if not layers and require_blocks:
+        raise _no_blocks_error(model, scope, head)
+    key_of: dict[str, int] = {}
+    for i, layer in enumerate(layers):
+        for v in layer.weights:
+            key_of.setdefault(path_of[id(v)], i)
+    groups = [_group(layer.name, [p for p in body if key_of.get(p) == i])
+              for i, layer in enumerate(layers)]
+    return groups, key_of, head
+
+
+def _no_blocks_error(model, scope, head) -> BlockInferenceError:
+    leaves = [layer for layer in _compat.flatten_layers(model)
+              if layer is not model and layer.weights and not _compat.direct_sublayers(layer)]
+    found = [f"{layer.name} ({type(layer).__name__}, {_size(layer.weights):,} params)"
+             for layer in leaves]
+    heads = sorted({_layer_of(p) for p in head})
+    candidates = [layer.name for layer in leaves
+                  if not any(h == layer.name or h.endswith("/" + layer.name) for h in heads)]
+    if candidates:
+        advice = ("Pass the ordered block names (bottom to top), e.g. "
+                  f"keras_peft.model_blocks(model, block_names={candidates[:4]!r}).")
+    else:
+        advice = ("Pass the ordered block names (block_names=[...], bottom to top) of a model "
+                  "with layers below its head; this one has no other layer to choose.")
+    return BlockInferenceError(
+        f"Cannot infer the blocks of model {model.name!r}: no layer names like "
+        "'transformer_layer_N', 'blockN', 'stageN', and no layer with weights below the "
+        f"head ({heads}) in {scope.name!r}. Layers with weights: {found[:8]}"
+        f"{' ...' if len(found) > 8 else ''}. {advice} (head_only and bitfit need no blocks.)"
     )

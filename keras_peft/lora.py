@@ -25,8 +25,9 @@ import keras
 from keras import ops
 
 from keras_peft import _compat
-from keras_peft.depth import model_blocks
-from keras_peft.rules import PolicyError, Rule
+from keras_peft.depth import head_and_neck
+from keras_peft.model import frozen_by_layer
+from keras_peft.rules import FrozenLayerError, PolicyError, Rule
 from keras_peft.strategies import FROZEN, _add, _exact, _finish
 
 __all__ = ["LoraTargetError", "lora", "lora_layer_paths", "merge", "unmerge"]
@@ -271,7 +272,12 @@ def lora(
                 f"Cannot enable LoRA on layer {path!r}: {reason}. Narrow `targets` "
                 f"to leave it out. Received: targets={targets!r}."
             )
-    blocks = model_blocks(model, block_names)  # may raise: before any change
+    held = frozen_by_layer(model)
+    frozen = [(p, held[id(_compat.lora_base_variable(layer))]) for p, layer in matched.items()
+              if id(_compat.lora_base_variable(layer)) in held]
+    if frozen:  # its adapters would be frozen too: refuse before any change
+        raise FrozenLayerError(frozen)
+    head, _ = head_and_neck(model, block_names)  # may raise: before any change
 
     for layer in matched.values():
         layer.enable_lora(rank, lora_alpha=alpha)
@@ -285,7 +291,7 @@ def lora(
     rules: dict = {}
     rules[_pattern(adapters, paths)] = Rule(note=ADAPTER_NOTE)
     rules[_pattern(bases, paths)] = Rule(trainable=False, note="lora base")
-    _add(rules, blocks.head, Rule(note="head"))
+    _add(rules, head, Rule(note="head"))
     return _finish(rules, rest)
 
 

@@ -26,10 +26,12 @@ import keras
 import tensorflow as tf
 
 from keras_peft import _compat, checkpoint, nonfinite
-from keras_peft.rules import Plan, Rule, normalize_rules, resolve
+from keras_peft.rules import FrozenLayerError, Plan, Rule, normalize_rules, resolve
 from keras_peft.update import apply_scaled_gradients, apply_scaled_gradients_if_finite
 
-__all__ = ["wrap", "unwrap", "is_wrapped", "variable_paths", "get_rules", "PeftModel"]
+__all__ = [
+    "wrap", "unwrap", "is_wrapped", "variable_paths", "get_rules", "frozen_by_layer", "PeftModel",
+]
 
 _REGISTERED_NAME = "keras_peft>PeftModel"
 _CLASS_CACHE: dict[type, type] = {}
@@ -49,11 +51,81 @@ def variable_paths(model: keras.Model) -> list[str]:
     return [v.path for v in model.weights]
 
 
+def variable_owners(model) -> dict[int, object]:
+    """`{id(variable): the layer that created it}` (the innermost one), for either Keras."""
+    if _tf_keras_model(model):
+        from keras_peft import tf_keras
+
+        return tf_keras.variable_owners(model)
+    return {id(v): layer for layer in reversed(_compat.flatten_layers(model))
+            for v in _compat.own_variables(layer)}
+
+
+def _trainable_capable(model) -> set[int]:
+    """Ids of the variables created trainable, for either Keras."""
+    if _tf_keras_model(model):
+        from keras_peft import tf_keras
+
+        return tf_keras.trainable_capable(model)
+    return _compat.trainable_capable(model)
+
+
+def _layers_below(model) -> list:
+    """Every layer inside `model` (recursively), the model itself left out (either Keras)."""
+    return [layer for layer in _compat.flatten_layers(model) if layer is not model]
+
+
 def _tf_keras_model(model) -> bool:
     # tf.keras (Keras 2) models are handled by keras_peft.tf_keras.
     from keras_peft.tf_keras import is_tf_keras_model
 
     return is_tf_keras_model(model)
+
+
+def frozen_by_layer(model) -> dict[int, str]:
+    """`{id(variable): layer name}` for the variables a layer's own flag keeps frozen.
+
+    A layer frozen the Keras way (`layer.trainable = False`) holds its own
+    variables; the name given is the outermost layer of the frozen chain
+    above them (`base` after `base.trainable = False`, `bn` after
+    `bn.trainable = False`). Keras 3 trains a variable whose own layer is
+    trainable even under a frozen parent (keras-hub's `enable_lora` relies on
+    that), so only the owning layer's flag counts; tf.keras hides every
+    variable below a frozen layer (see `keras_peft.tf_keras`).
+    """
+    if _tf_keras_model(model):
+        from keras_peft import tf_keras
+
+        return tf_keras.frozen_by_layer(model)
+    return walk_frozen(model, _compat.own_variables, _compat.direct_sublayers, own_flag=True)
+
+
+def walk_frozen(model, own_variables, children, *, own_flag: bool) -> dict[int, str]:
+    """The walk behind `frozen_by_layer`, for either Keras.
+
+    With `own_flag`, a variable counts only when its own layer is frozen
+    (named by the outermost layer of the frozen chain above it); without,
+    every variable below a frozen layer counts (named by that layer).
+    """
+    held: dict[int, str] = {}
+    seen: set[int] = set()
+
+    def visit(layer, top):
+        if id(layer) in seen:
+            return
+        seen.add(id(layer))
+        if not layer.trainable:
+            top = top or layer.name
+        elif own_flag:
+            top = None
+        if top is not None:
+            for v in own_variables(layer):
+                held.setdefault(id(v), top)
+        for child in children(layer):
+            visit(child, top)
+
+    visit(model, None)
+    return held
 
 
 class PeftModel:
@@ -146,6 +218,38 @@ class PeftModel:
             logs = dict(self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
         logs[nonfinite.LOG_KEY] = guard.skipped.read_value() if skipped is None else skipped
         return logs
+
+    def summary(self, *args, **kwargs):
+        """Keras' `summary`, whose `Trainable` column tells what the rules train.
+
+        With `show_trainable=True`, a layer shows `Y` when any of its weights
+        trains under the rules and `N` when none does (Keras alone would show
+        the layer's own flag, which rules leave as it is), and a last line
+        names the layers that train only some of their weights
+        (`keras_peft.report(model)` says which).
+        """
+        show = kwargs.get("show_trainable", args[4] if len(args) > 4 else False)
+        print_fn = kwargs.get("print_fn", args[2] if len(args) > 2 else None) or print
+        trained = {id(v) for v in self.trainable_weights}
+        capable = _trainable_capable(self)
+        flags, partial = {}, []
+        for layer in _layers_below(self):
+            weights = [v for v in layer.weights if id(v) in capable]
+            if not weights:
+                continue
+            flags[layer] = any(id(v) in trained for v in weights)
+            if flags[layer] and not all(id(v) in trained for v in weights):
+                partial.append(layer.name)
+        with _compat.layer_flags_shown_as(flags):
+            result = super().summary(*args, **kwargs)
+        if show and partial:
+            shown = ", ".join(repr(n) for n in partial[:5]) + (", ..." if len(partial) > 5 else "")
+            print_fn(
+                f"keras_peft: 'Trainable' is Y when any weight of the layer trains under the "
+                f"rules; {len(partial)} layer(s) train only some of theirs ({shown}): "
+                "keras_peft.report(model) shows which."
+            )
+        return result
 
     def _peft_signature(self):
         return (self._peft_version, tuple(id(v) for v in self.trainable_weights))
@@ -273,11 +377,7 @@ def _check_model(model):
                 f"model on backend {keras.backend.backend()!r}; set "
                 "KERAS_BACKEND=tensorflow before importing keras."
             )
-        if not model.built or not model.weights:
-            raise ValueError(
-                f"Cannot wrap model {model.name!r}: it has no weights yet. Build it "
-                "first (call it on a batch, or `model.build(input_shape)`), then wrap."
-            )
+        require_weights(model, "wrap")
         from keras_peft.tf_keras import check_not_mixed
 
         check_not_mixed(model)
@@ -287,6 +387,15 @@ def _check_model(model):
         "keras_peft.wrap expects a Keras 3 `keras.Model` or a tf.keras (Keras 2) "
         f"model. Received: {type(model).__module__}.{type(model).__name__}."
     )
+
+
+def require_weights(model, action: str) -> None:
+    """Raises the error of an unbuilt model (no weights yet) for `keras_peft.<action>`."""
+    if not getattr(model, "built", True) or not model.weights:
+        raise ValueError(
+            f"Cannot {action} model {model.name!r}: it has no weights yet. Build it "
+            "first (call it on a batch, or `model.build(input_shape)`), then wrap."
+        )
 
 
 def _check_no_own_train_step(model) -> None:
@@ -416,37 +525,22 @@ def _apply_policy(model, rules) -> None:
     weights = model.weights
     plan = resolve([v.path for v in weights], rules)
     capable = _compat.trainable_capable(model)
-    previous = [(v, v.trainable) for v in weights]
     # Undecided variables go back to their state before wrap, so that
     # set_rules() means "as if wrapped with these rules" whatever came before.
     original = getattr(model, "_peft_original_trainable", {})
-    try:
-        for v, decision in zip(weights, plan):
-            if decision.rule is not None and id(v) in capable:
-                v.trainable = decision.rule.trainable
-            elif decision.rule is None and id(v) in original:
-                v.trainable = original[id(v)]
-        effective = {id(v) for v in model.trainable_weights}
-        hidden = [
-            d.path
-            for v, d in zip(weights, plan)
-            if d.trainable and id(v) in capable and id(v) not in effective
-        ]
-        if hidden:
-            frozen = [
-                layer.name for layer in _compat.flatten_layers(model) if not layer.trainable
-            ]
-            raise ValueError(
-                f"Rules make {len(hidden)} variable(s) trainable (e.g. {hidden[0]!r}), "
-                "but a layer that contains them has `trainable=False`, which hides "
-                f"every variable below it. Layers with trainable=False: {frozen[:5]}. "
-                "Set `layer.trainable = True` on them before wrapping and let the "
-                "rules freeze what should stay frozen."
-            )
-    except Exception:
-        for v, flag in previous:
-            v.trainable = flag
-        raise
+    held = frozen_by_layer(model)
+    conflicts = [
+        (d.path, held[id(v)])
+        for v, d in zip(weights, plan)
+        if d.trainable and id(v) in capable and id(v) in held
+    ]
+    if conflicts:
+        raise FrozenLayerError(conflicts)
+    for v, decision in zip(weights, plan):
+        if decision.rule is not None and id(v) in capable:
+            v.trainable = decision.rule.trainable
+        elif decision.rule is None and id(v) in original and id(v) not in held:
+            v.trainable = original[id(v)]
     model._peft_rules = rules
     model._peft_plan = plan
     model._peft_scales = {

@@ -21,6 +21,10 @@ class ReportRow:
     layer shares it, else a string listing the values. `rule` is the pattern
     that decided the layer's variables (`-` when none did); `note` is what
     the rule says about its decision (strategies fill it in).
+    `frozen_layer` names the layer whose own `trainable=False` holds these
+    variables frozen (the layer itself, or a parent frozen with it, as after
+    `base.trainable = False`; rules cannot train them, and a BatchNormalization
+    there runs in inference mode), else `""`.
     """
 
     layer: str
@@ -30,6 +34,7 @@ class ReportRow:
     grad_scale: float | str
     rule: str
     note: str = ""
+    frozen_layer: str = ""
 
 
 def _join(values, sep=","):
@@ -37,6 +42,40 @@ def _join(values, sep=","):
     if len(values) == 1:
         return values[0]
     return sep.join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+WIDTH = 100
+"""Columns a printed report keeps to (long patterns and notes are shortened)."""
+
+_SHRINKABLE = (5, 6, 0)  # rule, note, then layer: the columns that give way, in order
+_MIN_WIDTH = 12
+
+
+def _note_text(row: ReportRow) -> str:
+    if not row.frozen_layer:
+        return row.note
+    flag = f"{row.frozen_layer}.trainable=False"
+    return flag if row.note in ("", flag) else f"{flag}; {row.note}"
+
+
+def _fit_widths(widths: list[int], header, width: int) -> None:
+    """Narrows the shrinkable columns, in order, until the row fits `width` (or cannot)."""
+    for i in _SHRINKABLE:
+        if i >= len(widths):
+            continue
+        excess = sum(widths) + 2 * (len(widths) - 1) - width
+        if excess <= 0:
+            return
+        floor = min(widths[i], max(len(header[i]), _MIN_WIDTH))
+        widths[i] = max(floor, widths[i] - excess)
+
+
+def _shorten(text: str, width: int) -> str:
+    """`text` cut to `width` characters in the middle (`a…z`), or as it is if it fits."""
+    if len(text) <= width:
+        return text
+    keep = width - 1
+    return text[: (keep + 1) // 2] + "…" + text[len(text) - keep // 2:]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,21 +105,32 @@ class Report:
         )
 
     def __str__(self) -> str:
+        return self.to_text()
+
+    def to_text(self, width: int = WIDTH) -> str:
+        """The aligned table, at most `width` columns wide where the layer names allow.
+
+        Long rule patterns and notes are shortened in the middle with `…` to
+        fit; `to_list()` keeps them whole.
+        """
         header = ("layer", "params", "trainable", "lr_scale", "grad_scale", "rule", "note")
+
         def fmt(v):
             if isinstance(v, float):
                 return f"{v:g}"
             return f"{v:,}" if isinstance(v, int) else str(v)
 
         body = [
-            (r.layer, fmt(r.params), fmt(r.trainable_params), fmt(r.lr_scale),
-             fmt(r.grad_scale), r.rule, r.note)
+            [r.layer, fmt(r.params), fmt(r.trainable_params), fmt(r.lr_scale),
+             fmt(r.grad_scale), r.rule, _note_text(r)]
             for r in self.rows
         ]
-        if not any(r.note for r in self.rows):
+        if not any(row[-1] for row in body):
             header, body = header[:-1], [row[:-1] for row in body]
         widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h)
                   for i, h in enumerate(header)]
+        _fit_widths(widths, header, width)
+        body = [[_shorten(c, w) for c, w in zip(row, widths)] for row in body]
         right = {1, 2, 3, 4}
 
         def line(cells):
@@ -119,21 +169,23 @@ def report(model: keras.Model, rules: Mapping[str, Rule] | None = None) -> Repor
     print(keras_peft.report(model, rules={".*bias": keras_peft.Rule(trainable=False)}))
     ```
     """
-    from keras_peft.model import variable_paths
+    from keras_peft.model import frozen_by_layer, require_weights, variable_paths
 
+    require_weights(model, "report on")
     weights = model.weights
     path_of = dict(zip((id(v) for v in weights), variable_paths(model)))
+    held = frozen_by_layer(model)
+    trainable_ids = {id(v) for v in model.trainable_weights}
+    refused: set[int] = set()  # dry run: rules that wrap would refuse (FrozenLayerError)
     if rules is None:
         plan = getattr(model, "_peft_plan", None)
         decisions = plan.by_path() if plan is not None else {}
-        trainable_ids = {id(v) for v in model.trainable_weights}
         is_trainable = lambda v, d: id(v) in trainable_ids  # noqa: E731
     else:
         from keras_peft import _compat, tf_keras
 
         plan = resolve([path_of[id(v)] for v in weights], rules)
         decisions = plan.by_path()
-        trainable_ids = {id(v) for v in model.trainable_weights}
         if tf_keras.is_tf_keras_model(model):
             capable = tf_keras.trainable_capable(model)
         else:
@@ -141,6 +193,9 @@ def report(model: keras.Model, rules: Mapping[str, Rule] | None = None) -> Repor
 
         def is_trainable(v, d):
             if d is not None and d.rule is not None and id(v) in capable:
+                if d.rule.trainable and id(v) in held:
+                    refused.add(id(v))
+                    return False
                 return d.rule.trainable
             return id(v) in trainable_ids
 
@@ -154,7 +209,7 @@ def report(model: keras.Model, rules: Mapping[str, Rule] | None = None) -> Repor
     total = trainable_total = 0
     for layer, variables in groups.items():
         n = t = 0
-        lr, gs, pats, notes = [], [], [], []
+        lr, gs, pats, notes, frozen = [], [], [], [], []
         for v in variables:
             d = decisions.get(path_of[id(v)])
             size = math.prod(v.shape)
@@ -162,10 +217,14 @@ def report(model: keras.Model, rules: Mapping[str, Rule] | None = None) -> Repor
             pats.append(d.pattern if d is not None and d.pattern is not None else "-")
             if d is not None and d.rule is not None and d.rule.note:
                 notes.append(d.rule.note)
+            if id(v) in held:
+                frozen.append(held[id(v)])
             if is_trainable(v, d):
                 t += size
                 lr.append(d.lr_scale if d is not None else 1.0)
                 gs.append(d.grad_scale if d is not None else 1.0)
+        if any(id(v) in refused for v in variables):
+            notes.append("wrap refuses")
         rows.append(
             ReportRow(
                 layer=layer,
@@ -175,6 +234,7 @@ def report(model: keras.Model, rules: Mapping[str, Rule] | None = None) -> Repor
                 grad_scale=_join(gs) if gs else "-",
                 rule=_join(pats, sep=" | "),
                 note=_join(notes, sep="; ") if notes else "",
+                frozen_layer=_join(frozen, sep="/") if frozen else "",
             )
         )
         total += n

@@ -23,6 +23,7 @@ __all__ = [
     "PolicyError",
     "UnmatchedRuleError",
     "DuplicatePathError",
+    "FrozenLayerError",
     "resolve",
     "normalize_rules",
 ]
@@ -68,6 +69,36 @@ class DuplicatePathError(PolicyError):
             "cannot address them separately. Give the layers unique names "
             "(e.g. `name=` when building them) or build the model inside a "
             "uniquely named scope, then wrap it again."
+        )
+
+
+class FrozenLayerError(PolicyError):
+    """Rules would train variables of a layer frozen the Keras way (`layer.trainable = False`).
+
+    keras-peft respects a layer's own flag: the user froze it on purpose (a
+    frozen BatchNormalization also runs in inference mode), so a rule does
+    not train it behind the flag's back.
+    """
+
+    def __init__(self, conflicts: list[tuple[str, str]]):
+        """`conflicts`: `(variable path, name of the frozen layer holding it)` pairs."""
+        self.paths = [p for p, _ in conflicts]
+        counts: dict[str, int] = {}
+        for _, layer in conflicts:
+            counts[layer] = counts.get(layer, 0) + 1
+        self.layers = list(counts)
+        shown = ", ".join(f"{name!r} ({n} variable{'s' if n > 1 else ''})"
+                          for name, n in list(counts.items())[:5])
+        more = f" and {len(counts) - 5} more layers" if len(counts) > 5 else ""
+        super().__init__(
+            f"Rules make {len(conflicts)} variable(s) trainable (e.g. {self.paths[0]!r}) "
+            f"inside layers that have `trainable=False`: {shown}{more}. keras_peft does "
+            "not train what a layer's own flag freezes (a frozen BatchNormalization also "
+            "runs in inference mode). Either unfreeze the layer first "
+            "(`layer.trainable = True`) and let the rules decide, or keep it frozen and "
+            "apply the rules to the rest of the model: "
+            "`keras_peft.wrap(model, keras_peft.keep_frozen(model, rules))`. "
+            "Nothing was changed."
         )
 
 

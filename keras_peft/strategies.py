@@ -13,10 +13,11 @@ blocks cannot be inferred. Strategies that select part of the model take
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 
 from keras_peft import _compat
-from keras_peft.depth import Blocks, Group, model_blocks
+from keras_peft.depth import Blocks, Group, head_and_neck, model_blocks
 from keras_peft.rules import PolicyError, Rule, normalize_rules
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "surgical",
     "layerwise_lr_decay",
     "full",
+    "keep_frozen",
     "combine",
 ]
 
@@ -65,12 +67,25 @@ def full(model=None) -> dict:
     return {".*": Rule(note="full")}
 
 
-def head_only(model, *, block_names=None, rest=FROZEN) -> dict:
+def head_only(model, *, neck: bool = False, block_names=None, rest=FROZEN) -> dict:
     """Linear probing: train only the task head, freeze the rest.
 
     The head is, for a keras-hub task, every layer outside `model.backbone`
-    (e.g. `logits`; BERT's `pooled_dense` belongs to the backbone and stays
-    frozen); otherwise the layers after the last block (see `model_blocks`).
+    (e.g. `logits`); for a model built on a nested backbone
+    (`keras.Model(inputs, head(base(inputs)))` with a keras.applications or
+    `Sequential` base), the layers after it; otherwise the trailing Dense
+    layers after the last block (see `model_blocks`). The neck, the
+    backbone's own layers after its last block (BERT's `pooled_dense`,
+    MobileNetV2's `Conv_1`, EfficientNet's `top_conv`), stays frozen unless
+    `neck=True`. `keras_peft.report` shows which layers counted as head and
+    neck (its `note` column).
+
+    Args:
+        model: the model.
+        neck: also train the neck (needs the blocks: `block_names=` when they
+            cannot be inferred).
+        block_names: ordered block names, when they cannot be inferred.
+        rest: rule for everything else (default frozen); `None` leaves it out.
 
     Example:
 
@@ -89,12 +104,26 @@ def head_only(model, *, block_names=None, rest=FROZEN) -> dict:
     assert [v.path for v in model.trainable_weights] == ["net/head/kernel", "net/head/bias"]
     ```
     """
-    blocks = model_blocks(model, block_names)
+    if not isinstance(neck, bool):
+        raise ValueError(f"`neck` must be True or False. Received: neck={neck!r}.")
+    head, found_neck = _head(model, block_names, need_neck=neck)
     rules: dict = {}
-    _add(rules, blocks.head, Rule(note="head"))
+    _add(rules, head, Rule(note="head"))
     if not rules:
         raise PolicyError(f"Model {model.name!r} has no head variables to train.")
+    if neck:
+        _add(rules, found_neck, Rule(note="neck"))
+    elif found_neck is not None and isinstance(rest, Rule):
+        _add(rules, found_neck, dataclasses.replace(rest, note="neck (neck=True trains it)"))
     return _finish(rules, rest)
+
+
+def _head(model, block_names, need_neck: bool = False):
+    """`(head, neck)` groups; the neck is None when the blocks are unknown (unless needed)."""
+    if need_neck:
+        blocks = model_blocks(model, block_names)  # raises when the blocks are unknown
+        return blocks.head, blocks.neck
+    return head_and_neck(model, block_names)
 
 
 def top_layers(model, k: int, *, block_names=None, rest=FROZEN) -> dict:
@@ -155,9 +184,9 @@ def bitfit(model, *, block_names=None, rest=FROZEN) -> dict:
     print(keras_peft.report(model))
     ```
     """
-    blocks = model_blocks(model, block_names)
+    head, _ = _head(model, block_names)
     rules: dict = {}
-    _add(rules, blocks.head, Rule(note="head"))
+    _add(rules, head, Rule(note="head"))
     if not any(p.rsplit("/", 1)[-1] in ("bias", "beta") for p in _paths(model)):
         raise PolicyError(
             f"Model {model.name!r} has no bias variables (named 'bias' or 'beta'): "
@@ -198,7 +227,7 @@ def norm_tuning(model, *, block_names=None, rest=FROZEN) -> dict:
     print(keras_peft.report(model))
     ```
     """
-    blocks = model_blocks(model, block_names)
+    head, _ = _head(model, block_names)
     path_of = dict(zip((id(v) for v in model.weights), _paths(model)))
     norm_paths = [
         path_of[id(v)]
@@ -212,7 +241,7 @@ def norm_tuning(model, *, block_names=None, rest=FROZEN) -> dict:
             f"({', '.join(_NORM_LAYERS)})."
         )
     rules: dict = {}
-    _add(rules, blocks.head, Rule(note="head"))
+    _add(rules, head, Rule(note="head"))
     _add(rules, Group("norm", tuple(norm_paths), _exact(norm_paths)), Rule(note="norm"))
     return _finish(rules, rest)
 
@@ -313,6 +342,73 @@ def layerwise_lr_decay(model, decay: float, *, block_names=None) -> dict:
         _add(rules, found.blocks[i - 1], Rule(lr_scale=scale, note=f"decay^{n + 1 - i}"))
     _add(rules, found.stem, Rule(lr_scale=float(decay) ** (n + 1), note=f"decay^{n + 1}"))
     return normalize_rules(rules)
+
+
+def keep_frozen(model, rules=None) -> dict:
+    """Keeps frozen what the model's layers freeze themselves; `rules` decide the rest.
+
+    A layer frozen the Keras way (`layer.trainable = False`, e.g. the
+    transfer-learning idiom `base.trainable = False`) keeps its variables
+    frozen, and `wrap` refuses rules that would train them
+    (`FrozenLayerError`). This returns a rule per frozen layer (its note
+    says which layer holds the group), followed by `rules` without those of
+    their rules that only match variables of frozen layers (they could never
+    apply). Without `rules`, just the freezing rules (`{}` when no layer is
+    frozen). A pattern of `rules` that matches nothing at all still raises
+    at `wrap`.
+
+    Example:
+
+    ```python
+    import keras
+    import keras_peft
+
+    inputs = keras.Input((4,))
+    base = keras.Sequential([keras.layers.Dense(8, name="block_0"),
+                             keras.layers.Dense(8, name="block_1")], name="base")
+    model = keras.Model(inputs, keras.layers.Dense(1, name="head")(base(inputs)))
+    base.trainable = False  # the Keras way
+    keras_peft.wrap(model, keras_peft.keep_frozen(model, keras_peft.bitfit(model)))
+    assert [v.path for v in model.trainable_weights] == ["head/kernel", "head/bias"]
+    ```
+    """
+    import re
+
+    from keras_peft.model import frozen_by_layer
+
+    held = frozen_by_layer(model)
+    paths = _paths(model)
+    groups: dict[str, list[str]] = {}
+    for v, path in zip(model.weights, paths):
+        if id(v) in held:
+            groups.setdefault(held[id(v)], []).append(path)
+    out = {
+        _covering(members, paths): Rule(trainable=False, note=f"{layer}.trainable=False")
+        for layer, members in groups.items()
+    }
+    frozen = {p for members in groups.values() for p in members}
+    for pattern, rule in (normalize_rules(rules) if rules is not None else {}).items():
+        matches = {p for p in paths if re.fullmatch(pattern, p)}
+        if matches and matches <= frozen:
+            continue  # it decides frozen variables only
+        out.setdefault(pattern, rule)
+    return out
+
+
+def _covering(members: list[str], paths: list[str]) -> str:
+    """A regex that matches exactly `members` among `paths`: a shared prefix, or each path."""
+    import re
+
+    prefix = []
+    for segments in zip(*(m.split("/")[:-1] for m in members)):
+        if len(set(segments)) != 1:
+            break
+        prefix.append(segments[0])
+    if prefix:
+        head = "/".join(prefix) + "/"
+        if sum(p.startswith(head) for p in paths) == len(set(members)):
+            return re.escape(head) + ".*"
+    return _exact(dict.fromkeys(members))
 
 
 def combine(*rule_sets) -> dict:

@@ -59,8 +59,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_peft.model import PeftModel
-from keras_peft.rules import PolicyError, Rule, normalize_rules, resolve
+from keras_peft.model import PeftModel, walk_frozen
+from keras_peft.rules import FrozenLayerError, PolicyError, Rule, normalize_rules, resolve
 from keras_peft.update import apply_scaled_gradients
 
 __all__ = [
@@ -243,6 +243,24 @@ def variable_paths(model) -> list[str]:
     """
     paths = _path_map(model)
     return [paths.get(id(v), _SUFFIX.sub("", v.name)) for v in model.weights]
+
+
+def frozen_by_layer(model) -> dict[int, str]:
+    """`{id(variable): name}` of the outermost `trainable=False` layer above each variable.
+
+    tf.keras hides every variable below a frozen layer, whatever the flags
+    of the layers in between (`keras_peft.frozen_by_layer` for Keras 3).
+    """
+    return walk_frozen(
+        model, _own_variables,
+        lambda layer: layer._flatten_layers(include_self=False, recursive=False),
+        own_flag=False,
+    )
+
+
+def variable_owners(model) -> dict[int, object]:
+    """`{id(variable): the tf.keras layer that created it}`."""
+    return {id(v): layer for layer in reversed(_layers(model)) for v in _own_variables(layer)}
 
 
 def trainable_capable(model) -> set[int]:
@@ -519,7 +537,7 @@ def _custom_step_error(model, cls):
 
 
 # Members of `PeftModel` that mean the same for both Keras versions.
-_SHARED_MEMBERS = {"peft_rules", "peft_plan"}
+_SHARED_MEMBERS = {"peft_rules", "peft_plan", "summary"}
 
 
 def _peft_class(base_cls: type) -> type:
@@ -614,17 +632,10 @@ def _apply_policy(model, rules) -> None:
         if not decision.rule.trainable:
             frozen.add(id(v))
         elif id(v) not in visible:
-            hidden.append(decision.path)
+            hidden.append((decision.path, id(v)))
     if hidden:
-        off = [layer.name for layer in _layers(model) if not layer.trainable]
-        raise ValueError(
-            f"Rules make {len(hidden)} variable(s) trainable (e.g. {hidden[0]!r}), but "
-            "a tf.keras layer that contains them has `trainable=False`, which hides "
-            f"every variable below it. Layers with trainable=False: {off[:5]}. Set "
-            "`layer.trainable = True` on them before wrapping and let the rules freeze "
-            "what should stay frozen (tf.keras cannot train a variable under a frozen "
-            "layer, unlike Keras 3)."
-        )
+        held = frozen_by_layer(model)
+        raise FrozenLayerError([(p, held.get(i, model.name)) for p, i in hidden])
     by_id = {}
     scales = {}
     for v, d in zip(weights, plan):

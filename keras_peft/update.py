@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from keras_peft import _compat
+
 
 def _scale_gradient(grad, scale: float):
     if grad is None or scale == 1.0:
@@ -31,6 +33,11 @@ def _scale_gradient(grad, scale: float):
 
 def apply_scaled_gradients(optimizer, grads, variables, lr_scales, grad_scales) -> None:
     """Applies `grads` to `variables` with per-variable update and gradient scales.
+
+    With `use_ema=True`, the optimizer's moving averages follow the scaled
+    update too (as with `lr_scale * learning_rate`), and the averages are
+    written into the variables every `ema_overwrite_frequency` steps as the
+    optimizer would.
 
     Args:
         optimizer: a Keras 3 or tf.keras optimizer.
@@ -45,10 +52,42 @@ def apply_scaled_gradients(optimizer, grads, variables, lr_scales, grad_scales) 
         for v, g, s in zip(variables, grads, lr_scales)
         if s != 1.0 and g is not None
     ]
-    optimizer.apply_gradients(zip(grads, variables))
+    inner = _compat.inner_optimizer(optimizer)
+    if not before or not getattr(inner, "use_ema", False):
+        optimizer.apply_gradients(zip(grads, variables))
+        _scale_updates(before)
+        return
+    step = tf.identity(inner.iterations)
+    with _compat.ema_overwrite_off(inner) as frequency:
+        optimizer.apply_gradients(zip(grads, variables))
+    moved = _scale_updates(before)
+    # The averages took in the unscaled values: move them by (1 - m) times the change.
+    momentum = tf.cast(inner.ema_momentum, tf.float32)
+    if _compat.ema_first_step_momentum(inner):
+        momentum = tf.where(tf.equal(step, 0), tf.zeros_like(momentum), momentum)
+    averages = _compat.ema_averages(inner, [v for v, _, _ in before])
+    for average, change in zip(averages, moved):
+        average.assign_add(tf.cast(1.0 - momentum, change.dtype) * change)
+    if frequency:
+        applied = tf.not_equal(inner.iterations, step)  # a LossScaleOptimizer may skip
+        overwrite = tf.logical_and(applied, tf.equal((step + 1) % frequency, 0))
+
+        def write_averages():
+            for v, average in zip(variables, _compat.ema_averages(inner, variables)):
+                v.assign(average)
+
+        tf.cond(overwrite, write_averages, lambda: None)
+
+
+def _scale_updates(before) -> list:
+    """Sets each `(variable, old, s)` to `old + s * (new - old)`; returns `new_scaled - new`."""
+    moved = []
     for v, old, s in before:
         new = tf.convert_to_tensor(v)
-        v.assign(old + tf.cast(s, new.dtype) * (new - old))
+        scaled = old + tf.cast(s, new.dtype) * (new - old)
+        v.assign(scaled)
+        moved.append(scaled - new)
+    return moved
 
 
 def _all_finite(grads):

@@ -162,20 +162,93 @@ def test_unbuilt_model_and_wrong_type_raise():
 def test_rules_cannot_train_variables_hidden_by_a_frozen_model():
     model = tiny_mlp()
     model.trainable = False  # hides every variable, whatever its own flag says
-    with pytest.raises(ValueError, match=r"has `trainable=False`.*\['mlp'"):
+    with pytest.raises(keras_peft.FrozenLayerError,
+                       match=r"have `trainable=False`: 'mlp' \(2 variables\)"):
         keras_peft.wrap(model, {r".*head/.*": Rule()})
     assert not any(v.trainable for v in model.weights)  # rolled back
 
 
-def test_rules_override_a_frozen_sublayer():
-    """Keras 3 hides a variable only by its own flag (or the model's): rules decide."""
-    model = tiny_mlp()
+def _frozen_base_model():
+    """The Keras transfer-learning idiom: a nested base with a BatchNorm, a new head."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    base = keras.Sequential([keras.layers.Dense(8, name="block_0"),
+                             keras.layers.BatchNormalization(name="bn"),
+                             keras.layers.Dense(8, name="block_1")], name="base")
+    return keras.Model(inputs, keras.layers.Dense(1, name="head")(base(inputs)), name="net")
+
+
+def test_rules_do_not_override_a_base_frozen_the_keras_way():
+    """`base.trainable = False` then a strategy that trains everything: refused, nothing changes."""
+    model = _frozen_base_model()
+    model.get_layer("base").trainable = False
+    assert [v.path for v in model.trainable_weights] == ["head/kernel", "head/bias"]
+    with pytest.raises(keras_peft.FrozenLayerError,
+                       match=r"\(e.g. 'base/block_0/kernel'\) inside layers that have "
+                             r"`trainable=False`: 'base' \(6 variables\)\..*"
+                             r"layer.trainable = True.*keras_peft.keep_frozen\(model, rules\)"):
+        keras_peft.wrap(model, keras_peft.layerwise_lr_decay(model, 0.5))
+    assert not keras_peft.is_wrapped(model)
+    assert [v.path for v in model.trainable_weights] == ["head/kernel", "head/bias"]
+    assert model.get_layer("base").trainable is False
+
+    # Way out 1: keep the base frozen, the strategy decides the rest.
+    keras_peft.wrap(model, keras_peft.keep_frozen(model, keras_peft.layerwise_lr_decay(model, 0.5)))
+    assert [v.path for v in model.trainable_weights] == ["head/kernel", "head/bias"]
+    rows = {r.layer: r for r in keras_peft.report(model).rows}
+    assert rows["base/bn"].frozen_layer == "base" and rows["base/bn"].trainable_params == 0
+    assert rows["head"].frozen_layer == "" and rows["head"].trainable_params == 9
+
+
+def test_unfreezing_the_base_the_keras_way_lets_the_rules_decide():
+    """Way out 2: `base.trainable = True` before wrapping; every rule then applies."""
+    model = _frozen_base_model()
+    model.get_layer("base").trainable = False
+    model.get_layer("base").trainable = True
+    keras_peft.wrap(model, keras_peft.layerwise_lr_decay(model, 0.5))
+    assert len(model.trainable_weights) == 8  # 2 Dense x 2, BN gamma/beta, head x 2
+
+
+def test_a_rule_cannot_train_a_batchnorm_frozen_the_keras_way():
+    """`bn.trainable = False` (inference mode): a rule training gamma/beta is refused."""
+    model = _frozen_base_model()
+    bn = model.get_layer("base").get_layer("bn")
+    bn.trainable = False
+    with pytest.raises(keras_peft.FrozenLayerError, match=r"'bn' \(2 variables\)"):
+        keras_peft.wrap(model, {r".*bn/.*": Rule()})
+    assert not bn.gamma.trainable and not bn.beta.trainable
+    # Rules for everything else are fine; the report says bn is held by its flag.
+    keras_peft.wrap(model, keras_peft.keep_frozen(model, {".*": Rule()}))
+    assert {v.path for v in model.trainable_weights} == {
+        "base/block_0/kernel", "base/block_0/bias", "base/block_1/kernel",
+        "base/block_1/bias", "head/kernel", "head/bias"}
+    row = next(r for r in keras_peft.report(model).rows if r.layer == "base/bn")
+    assert row.frozen_layer == "bn" and "bn.trainable=False" in str(keras_peft.report(model))
+    # A dry run of the refused rules says so, and counts nothing as trainable there.
+    preview = next(r for r in keras_peft.report(model, {".*": Rule()}).rows
+                   if r.layer == "base/bn")
+    assert preview.trainable_params == 0 and preview.note.endswith("wrap refuses")
+
+
+def test_set_rules_keeps_a_layer_frozen_after_wrap_frozen():
+    """Freezing a layer after wrap, then set_rules without it: the layer stays frozen."""
+    model = keras_peft.wrap(tiny_mlp(), {r".*head/.*": Rule(lr_scale=0.5)})
     model.get_layer("block_0").trainable = False
-    keras_peft.wrap(model, {r".*block_0/kernel": Rule()})
-    assert [v.path for v in model.trainable_weights] == [
-        "mlp/block_0/kernel", "mlp/block_1/kernel", "mlp/block_1/bias", "mlp/head/kernel",
-        "mlp/head/bias",
-    ]
+    model.set_rules({r".*head/.*": Rule(lr_scale=0.25)})  # block_0 is left undecided
+    assert not any(v.trainable for v in model.get_layer("block_0").weights)
+    with pytest.raises(keras_peft.FrozenLayerError, match="'block_0'"):
+        model.set_rules({".*": Rule()})
+
+
+def test_a_trainable_layer_under_frozen_parents_still_trains():
+    """Keras 3 trains a variable whose own layer is trainable, even under a frozen parent."""
+    model = tiny_mlp()
+    model.trainable = True
+    for layer in model.layers:
+        layer.trainable = False
+    model.get_layer("head").trainable = True
+    keras_peft.wrap(model, {r".*head/.*": Rule(lr_scale=0.5)})
+    assert [v.path for v in model.trainable_weights] == ["mlp/head/kernel", "mlp/head/bias"]
 
 
 def test_non_trainable_state_is_never_made_trainable():

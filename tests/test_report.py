@@ -13,7 +13,7 @@ def test_report_rows_totals_and_text():
     rows = {r["layer"]: r for r in rep.to_list()}
     assert rows["mlp/block_0"] == {
         "layer": "mlp/block_0", "params": 40, "trainable_params": 0, "lr_scale": "-",
-        "grad_scale": "-", "rule": r".*block_0/.*", "note": "",
+        "grad_scale": "-", "rule": r".*block_0/.*", "note": "", "frozen_layer": "",
     }
     assert rows["mlp/block_1"]["lr_scale"] == 0.5 and rows["mlp/block_1"]["trainable_params"] == 72
     assert rows["mlp/head"]["rule"] == "-" and rows["mlp/head"]["lr_scale"] == 1.0
