@@ -294,32 +294,41 @@ def _read(path: str) -> tuple[dict, dict]:
 
 
 def _fit_saved_paths(model, header: dict, tensors: dict, record: list):
-    """The delta's paths without the saved model's name, when `model`'s paths lack it.
+    """The delta's paths re-rooted at `model`'s own name, when the saved model's name differs.
 
-    A `keras.Sequential` built in code names its variables `<name>/<layer>/...`;
-    the same model loaded with `keras.models.load_model` names them
-    `<layer>/...`. A delta saved from one then fits the other once the
-    prefix is dropped from its variable paths, LoRA layers and rule patterns.
+    Paths address variables relative to the model: a model's own name is not
+    part of its architecture. A `keras.Sequential` or subclassed model built
+    in code names its variables `<model name>/<layer>/...`, and Keras makes
+    that name unique per process (`sequential`, then `sequential_1`); the
+    same Sequential loaded with `keras.models.load_model` names them
+    `<layer>/...`. So when every saved path starts with the saved model's
+    name, that prefix is replaced by `model`'s (or dropped, when its paths
+    have none) in the variable paths, LoRA layers and rule patterns. Layer
+    names stay part of the address: a delta from other layers still fails.
     """
     name = (header.get("model") or {}).get("name")
-    prefix = f"{name}/"
+    old = f"{name}/"
     paths = {v.path for v in model.weights}
-    if (not name or not tensors or any(p.startswith(prefix) for p in paths)
-            or not all(p.startswith(prefix) for p in tensors)
-            or not any(p.removeprefix(prefix) in paths for p in tensors)):
+    new = f"{model.name}/" if any(p.startswith(f"{model.name}/") for p in paths) else ""
+    if (not name or not tensors or old == new
+            or not all(p.startswith(old) for p in tensors)
+            or not any(new + p[len(old):] in paths for p in tensors)):
         return header, tensors, record
-    heads = (re.escape(prefix), prefix)
+    heads = (re.escape(old), old)
 
     def pattern(p):
-        head = next((h for h in heads if p.startswith(h)), "")
-        return p[len(head):]
+        head = next((h for h in heads if p.startswith(h)), None)
+        return p if head is None else re.escape(new) + p[len(head):]
+
+    def moved(p):
+        return new + p[len(old):] if p.startswith(old) else p
 
     header = dict(header)
-    header["variables"] = {p.removeprefix(prefix): d for p, d in header["variables"].items()}
+    header["variables"] = {moved(p): d for p, d in header["variables"].items()}
     if header.get("rules"):
         header["rules"] = {pattern(p): r for p, r in dict(header["rules"]).items()}
-    tensors = {p.removeprefix(prefix): a for p, a in tensors.items()}
-    record = [{**e, "layer": e["layer"].removeprefix(prefix)} for e in record]
+    tensors = {moved(p): a for p, a in tensors.items()}
+    record = [{**e, "layer": moved(e["layer"])} for e in record]
     return header, tensors, record
 
 
@@ -359,6 +368,14 @@ def _plan_lora(model, record: list, path: str) -> tuple[list, dict]:
     return to_enable, expected
 
 
+_AUTO_NAME = re.compile(r"(?:^|/)[a-z_]+_\d+/")
+_AUTO_NAME_HINT = (
+    " Layer names such as 'dense_3' are made up by Keras and change each time a model "
+    "is built in the same process: give the layers names (`name=`), or build both "
+    "models after `keras.backend.clear_session()`."
+)
+
+
 def _check_fit(model, header: dict, tensors: dict, planned: dict, path: str) -> None:
     expected = {v.path: (tuple(v.shape), _dtype(v)) for v in model.weights}
     expected.update(planned)
@@ -374,6 +391,7 @@ def _check_fit(model, header: dict, tensors: dict, planned: dict, path: str) -> 
             f"have, e.g. {missing[:_SHOWN]}. Variables are matched by path; this "
             f"model has e.g. {close[:3] or list(expected)[:3]}. Load the delta onto "
             "the base model it was trained from, built the same way (names included)."
+            + _AUTO_NAME_HINT * any(_AUTO_NAME.search(p) for p in missing[:_SHOWN])
         )
     wrong = [
         f"{p}: file {tuple(a.shape)} {a.dtype.name}, model {expected[p][0]} {expected[p][1]}"

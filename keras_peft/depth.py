@@ -333,13 +333,18 @@ def _layer_blocks(model, backbone, path_of, body, head, require_blocks):
 
 
 def _no_blocks_error(model, scope, head) -> BlockInferenceError:
-    leaves = [layer for layer in _compat.flatten_layers(model)
-              if layer is not model and layer.weights and not _compat.direct_sublayers(layer)]
+    order = {id(v): i for i, v in enumerate(model.weights)}
+    leaves = sorted((layer for layer in _compat.flatten_layers(model)
+                     if layer is not model and layer.weights
+                     and not _compat.direct_sublayers(layer)),
+                    key=lambda layer: min(order.get(id(v), len(order)) for v in layer.weights))
     found = [f"{layer.name} ({type(layer).__name__}, {_size(layer.weights):,} params)"
              for layer in leaves]
     heads = sorted({_layer_of(p) for p in head})
     candidates = [layer.name for layer in leaves
                   if not any(h == layer.name or h.endswith("/" + layer.name) for h in heads)]
+    if not candidates and len(leaves) >= 2:  # one composite layer holds every weight
+        candidates = [layer.name for layer in leaves]
     if candidates:
         advice = ("Pass the ordered block names (bottom to top), e.g. "
                   f"keras_peft.model_blocks(model, block_names={candidates[:4]!r}).")

@@ -256,24 +256,91 @@ def test_delta_of_another_model_raises_and_leaves_model_unchanged(saved):
         keras_peft.load_delta(other, saved)
     assert state(other) == before
 
-    renamed = tiny_mlp(name="net")  # same layers, other paths
-    before = state(renamed)
+    relabelled = _mlp_with_layer_names("layer_a", "layer_b", "head", name="mlp")
+    before = state(relabelled)
     with pytest.raises(keras_peft.DeltaMismatchError, match=r"'mlp/block_0' is not in the model"):
-        keras_peft.load_delta(renamed, saved)
-    assert state(renamed) == before
+        keras_peft.load_delta(relabelled, saved)
+    assert state(relabelled) == before
+
+
+def _mlp_with_layer_names(*names, name=None, widths=(8, 8, 1)):
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((4,))] + [
+        keras.layers.Dense(w, activation="tanh", name=n) for n, w in zip(names, widths)],
+        name=name)
+
+
+def test_a_delta_loads_onto_the_same_architecture_under_another_model_name(tmp_path):
+    """Paths are relative to the model: its own name (made unique by Keras per process,
+    `sequential` then `sequential_1`) is not part of the architecture."""
+    def unnamed():  # the same code, run twice in one process
+        return _mlp_with_layer_names("block_0", "block_1", "head")
+
+    model = unnamed()
+    keras_peft.wrap(model, keras_peft.lora(model, rank=2, targets=r".*block_\d"))
+    compile_fit(model, epochs=2)
+    keras_peft.save_delta(model, tmp_path / "run.safetensors")
+    again = unnamed()
+    assert again.name != model.name  # e.g. 'sequential_1' after 'sequential'
+    restored = keras_peft.load_delta(again, tmp_path / "run.safetensors")
+    x, _ = regression_data(8)
+    np.testing.assert_allclose(restored.predict(x, verbose=0), model.predict(x, verbose=0),
+                               atol=1e-6)
+    rename = lambda p: p.replace(f"{model.name}/", f"{again.name}/")  # noqa: E731
+    assert {v.path for v in restored.trainable_weights} == {
+        rename(v.path) for v in model.trainable_weights}
+    assert len(restored.peft_rules) == len(model.peft_rules)
+
+
+class SubclassedNet(keras.Model):
+    def __init__(self, width=8, head="head", **kwargs):
+        super().__init__(**kwargs)
+        self.body = keras.layers.Dense(width, name="body")
+        self.top = keras.layers.Dense(1, name=head)
+
+    def call(self, x):
+        return self.top(self.body(x))
+
+
+def _subclassed(**kwargs):
+    keras.utils.set_random_seed(0)
+    model = SubclassedNet(**kwargs)
+    model(np.zeros((1, 4), "float32"))
+    return model
+
+
+def test_a_subclassed_model_renamed_by_keras_loads_and_other_architectures_do_not(tmp_path):
+    model = _subclassed()
+    keras_peft.wrap(model, keras_peft.head_only(model))
+    compile_fit(model)
+    keras_peft.save_delta(model, tmp_path / "head.safetensors")
+    again = _subclassed()  # 'subclassed_net_1': Keras made the name unique
+    assert again.name != model.name
+    keras_peft.load_delta(again, tmp_path / "head.safetensors")
+    np.testing.assert_array_equal(again.top.kernel.numpy(), model.top.kernel.numpy())
+
+    for other, what in ((_subclassed(width=16), "another shape"),
+                        (_subclassed(head="out"), "does not have")):
+        before = state(other)
+        if what == "another shape":
+            other.top.kernel.assign(np.zeros((16, 1), "float32"))
+            before = state(other)
+        with pytest.raises(keras_peft.DeltaMismatchError, match=what):
+            keras_peft.load_delta(other, tmp_path / "head.safetensors")
+        assert state(other) == before
 
 
 def test_unknown_paths_name_the_first_few(tmp_path):
     model = tiny_mlp()
     keras_peft.wrap(model, keras_peft.head_only(model))
     keras_peft.save_delta(model, tmp_path / "head.safetensors")
-    renamed = tiny_mlp(name="net")
+    renamed = _mlp_with_layer_names("block_0", "block_1", "out", name="net")
     before = state(renamed)
     with pytest.raises(
         keras_peft.DeltaMismatchError,
         match=r"saved from model 'mlp' \(Sequential\)\) has 2 of 2 variables that "
         r"this model \('net'\) does not have, e.g. \['mlp/head/kernel', "
-        r"'mlp/head/bias'\].*'net/head/kernel'",
+        r"'mlp/head/bias'\].*'net/out/kernel'",
     ):
         keras_peft.load_delta(renamed, tmp_path / "head.safetensors")
     assert state(renamed) == before

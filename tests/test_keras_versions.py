@@ -133,6 +133,11 @@ OPTIMIZERS = {
     "adamw": lambda k, s: k.optimizers.AdamW(1e-2 * s, weight_decay=0.1),
     "sgd-momentum-schedule": lambda k, s: k.optimizers.SGD(
         k.optimizers.schedules.ExponentialDecay(1e-2 * s, 2, 0.5), momentum=0.9),
+    # fit() ends by writing the moving averages into the weights: they must follow
+    # the scaled update too, and so must the averages written every 3 steps.
+    "adam-ema": lambda k, s: k.optimizers.Adam(1e-2 * s, use_ema=True),
+    "adam-ema-overwrite": lambda k, s: k.optimizers.Adam(
+        1e-2 * s, use_ema=True, ema_momentum=0.9, ema_overwrite_frequency=3),
 }
 
 

@@ -286,3 +286,13 @@ def test_int8_layers_take_adapters_but_refuse_merge():
         ValueError, match=r"Cannot merge LoRA into quantized layers \['mlp/block_0'"
     ):
         keras_peft.merge(model)
+
+
+def test_lora_refuses_a_layer_frozen_the_keras_way_before_any_change():
+    model = tiny_mlp()
+    model.get_layer("block_0").trainable = False
+    with pytest.raises(keras_peft.FrozenLayerError, match=r"'block_0' \(1 variable\)"):
+        keras_peft.lora(model, rank=2, targets=r".*block_\d")
+    assert all(getattr(layer, "lora_rank", None) is None for layer in model.layers)
+    rules = keras_peft.lora(model, rank=2, targets=r".*block_1")  # the others are fine
+    assert keras_peft.wrap(model, rules)

@@ -251,6 +251,22 @@ def test_a_trainable_layer_under_frozen_parents_still_trains():
     assert [v.path for v in model.trainable_weights] == ["mlp/head/kernel", "mlp/head/bias"]
 
 
+def test_summary_trainable_column_tells_what_the_rules_train():
+    model = keras_peft.wrap(tiny_mlp(), {r".*block_0/.*": Rule(trainable=False),
+                                         r".*block_1/kernel": Rule(trainable=False)})
+    printed = []
+    model.summary(show_trainable=True, print_fn=lambda text, **kw: printed.append(text))
+    lines = "\n".join(printed).splitlines()
+    cells = {line.split()[1]: line.split("│")[-2].strip() for line in lines
+             if line.startswith("│") and line.split()[1] in ("block_0", "block_1", "head")}
+    assert cells == {"block_0": "N", "block_1": "Y", "head": "Y"}  # Keras alone: all Y
+    assert "1 layer(s) train only some of theirs ('block_1')" in lines[-1]
+    assert model.get_layer("block_0").trainable is True  # the flag is left as it was
+    plain = []
+    model.summary(print_fn=lambda line, **kw: plain.append(line))
+    assert not any("keras_peft" in line for line in plain)  # only with show_trainable
+
+
 def test_non_trainable_state_is_never_made_trainable():
     keras.utils.set_random_seed(0)
     model = keras.Sequential(

@@ -41,3 +41,32 @@ def test_report_mixed_scales_in_one_layer():
     row = next(r for r in keras_peft.report(model).rows if r.layer == "mlp/head")
     assert row.lr_scale == "0.5,2"
     assert row.rule == r".*head/kernel | .*head/bias"
+
+
+def test_report_of_an_unbuilt_model_raises_like_wrap():
+    import keras
+    import pytest
+
+    unbuilt = keras.Sequential([keras.layers.Dense(2)], name="unbuilt")
+    with pytest.raises(ValueError, match=r"Cannot report on model 'unbuilt': it has no "
+                                         r"weights yet. Build it first"):
+        keras_peft.report(unbuilt)
+
+
+def test_a_long_rule_pattern_is_shortened_in_the_text_only():
+    """norm_tuning writes one alternation of every norm variable (2,000+ characters)."""
+    import keras
+
+    model = keras.Sequential([keras.Input((4,))] + [
+        layer for i in range(40) for layer in (
+            keras.layers.Dense(4, name=f"block_{i}"),
+            keras.layers.LayerNormalization(name=f"block_{i}_a_rather_long_norm_name"))
+    ] + [keras.layers.Dense(1, name="head")], name="deep")
+    rules = keras_peft.norm_tuning(model)
+    assert max(len(p) for p in rules) > 2000
+    rep = keras_peft.report(model, rules)
+    lines = str(rep).splitlines()
+    assert max(len(line) for line in lines) <= 100
+    assert "…" in lines[3]  # the shortened pattern, in the middle
+    assert max(len(r["rule"]) for r in rep.to_list()) > 2000  # kept whole
+    assert rep.to_text(width=200).splitlines()[3] != lines[3]

@@ -130,3 +130,62 @@ def test_gpt_style_sequential_without_head_detection():
                              name="plain")
     assert trainable_after(model, keras_peft.head_only(model)) == [
         "plain/dense_2/kernel", "plain/dense_2/bias"]
+
+
+# ------------------------------------------ models without block-like names
+def _nested(width=8):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    backbone = keras.Sequential([keras.layers.Dense(width), keras.layers.Dense(width)],
+                                name="backbone")
+    return keras.Model(inputs, keras.layers.Dense(2, name="head")(backbone(inputs)))
+
+
+def _two_layers():
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="body"),
+                             keras.layers.Dense(2, name="head")], name="two")
+
+
+@pytest.mark.parametrize("build", [_two_layers, _nested], ids=["sequential", "nested"])
+def test_head_only_bitfit_and_top_layers_work_without_block_names(build):
+    """Each used to raise BlockInferenceError ('fewer than two top-level layers')."""
+    for strategy, expected in (
+        (keras_peft.head_only, lambda p: "head/" in p),
+        (keras_peft.bitfit, lambda p: p.endswith("bias") or "head/" in p),
+        (lambda m: keras_peft.top_layers(m, 1), lambda p: "head/" in p or p in top_block),
+    ):
+        model = build()
+        top_block = set(keras_peft.model_blocks(model).blocks[-1].paths)
+        wanted = [v.path for v in model.weights if expected(v.path)]
+        assert trainable_after(model, strategy(model)) == wanted
+
+
+def test_head_only_on_mobilenet_trains_the_new_head_and_neck_only_when_asked():
+    keras.utils.set_random_seed(0)
+    base = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35,
+                                          include_top=False, weights=None, pooling="avg")
+    inputs = keras.Input((32, 32, 3))
+    model = keras.Model(inputs, keras.layers.Dense(3, name="probe")(base(inputs)))
+    keras_peft.wrap(model, keras_peft.head_only(model))
+    assert [v.path for v in model.trainable_weights] == ["probe/kernel", "probe/bias"]
+    notes = {r.layer: r.note for r in keras_peft.report(model).rows}
+    assert notes["probe"] == "head" and notes["Conv_1"] == "neck (neck=True trains it)"
+    keras_peft.wrap(model, keras_peft.head_only(model, neck=True))
+    assert [v.path for v in model.trainable_weights] == [
+        "Conv_1/kernel", "Conv_1_bn/gamma", "Conv_1_bn/beta", "probe/kernel", "probe/bias"]
+    with pytest.raises(ValueError, match="`neck` must be True or False"):
+        keras_peft.head_only(model, neck="yes")
+
+
+def test_keep_frozen_alone_and_with_rules():
+    model = _nested()
+    assert keras_peft.keep_frozen(model) == {}
+    model.get_layer("backbone").trainable = False
+    rules = keras_peft.keep_frozen(model)
+    assert list(rules) == [r"backbone/.*"] and rules[r"backbone/.*"].trainable is False
+    assert rules[r"backbone/.*"].note == "backbone.trainable=False"
+    # The strategy's rules that decide frozen variables only are dropped (no dead rules).
+    combined = keras_peft.keep_frozen(model, keras_peft.layerwise_lr_decay(model, 0.5))
+    assert list(combined) == [r"backbone/.*", "head/[^/]+"]
+    with pytest.raises(keras_peft.UnmatchedRuleError):  # a typo still fails at wrap
+        keras_peft.wrap(model, keras_peft.keep_frozen(model, {"nope/.*": Rule()}))

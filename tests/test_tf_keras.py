@@ -201,11 +201,26 @@ def mlp():
 def test_rules_cannot_train_what_a_frozen_layer_hides():
     model = mlp()
     model.get_layer("body").trainable = False
-    with pytest.raises(ValueError, match=r"trainable=False`, which hides.*\['body'\]"):
+    with pytest.raises(keras_peft.FrozenLayerError,
+                       match=r"have `trainable=False`: 'body' \(1 variable\)"):
         keras_peft.wrap(model, {r"body/kernel": Rule()})
     keras_peft.wrap(model, {r"head/.*": Rule(lr_scale=0.5)})  # undecided: stays hidden
     assert [v.name for v in model.trainable_weights] == [
         "bn/gamma:0", "bn/beta:0", "head/kernel:0", "head/bias:0"]
+    rows = {r.layer: r.frozen_layer for r in keras_peft.report(model).rows}
+    assert rows == {"body": "body", "bn": "", "head": ""}
+    keras_peft.wrap(model, keras_peft.keep_frozen(model, {".*": Rule()}))  # the way out
+    assert len(model.trainable_weights) == 4
+
+
+def test_summary_trainable_column_tells_what_the_rules_train():
+    model = keras_peft.wrap(mlp(), {r"body/.*": Rule(trainable=False)})
+    lines = []
+    model.summary(show_trainable=True, print_fn=lambda line, **kw: lines.append(line))
+    rows = {line.split()[0]: line.split()[-1] for line in lines
+            if line.split() and line.split()[0] in ("body", "bn", "head")}
+    assert rows == {"body": "N", "bn": "Y", "head": "Y"}
+    assert model.get_layer("body").trainable is True  # the flag itself is left alone
 
 
 def test_batchnorm_statistics_are_never_trainable_and_keep_updating():
