@@ -194,6 +194,20 @@ def test_vgg16_checkpoint_round_trip_keeps_preprocessing_and_skips(vgg_unet, tmp
     np.testing.assert_allclose(loaded(x), vgg_unet(x), atol=1e-5)
 
 
+def test_vgg16_unet_under_mixed_precision(mixed_precision):
+    # The GPU default: float16 convolutions, preprocessing and logits in float32.
+    backbone, info = seg_model.build_backbone("vgg16_hed", pretrained=False)
+    model = seg_model.build_segmenter(backbone, 2, info=info)
+    assert backbone.get_layer("block1_conv1").compute_dtype == "float16"
+    assert model.get_layer("input_normalization").compute_dtype == "float32"
+    rules, _ = recipe.strategy_rules(model, "surgical")
+    keras_peft.wrap(model, rules)
+    model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=recipe._loss())
+    x = np.random.default_rng(0).random((2, 32, 32, 3)).astype("float32")
+    loss = model.train_on_batch(x, np.ones((2, 32, 32), "int32"))
+    assert np.isfinite(loss) and model(x).dtype == "float32"
+
+
 def test_experiment_plan_reports_what_does_not_apply_to_vgg16(vgg_unet):
     plan = recipe.plan_strategies(
         vgg_unet, ["decoder", "norm_tuning", "surgical:stem+0", "surgical:-2+-1"])
@@ -495,5 +509,9 @@ def test_surgical_experiment_end_to_end_on_isbi(tmp_path):
     assert clean > 0.55  # it learned to segment membranes (chance is about 0.4)
     assert rows["none"]["mean_iou"]["mean"] < clean - 0.03  # the noise hurts
     assert rows["surgical"]["trainable_params"] < rows["full"]["trainable_params"] / 10
-    for name in ("experiment.json", "experiment.md", "experiment_panel.png"):
+    assert protocol["corruptions"] == ["gaussian_noise:0.2"]
+    assert {r["corruption"] for r in out["rows"]} == {"gaussian_noise:0.2"}
+    assert rows["surgical"]["peak_tensor_mib"]["mean"] > 0
+    for name in ("experiment.json", "experiment.md", "experiment_chart.png",
+                 "experiment_panel_gaussian_noise_0.2.png"):
         assert os.path.isfile(tmp_path / name)
