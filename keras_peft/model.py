@@ -390,8 +390,13 @@ def _check_model(model):
 
 
 def require_weights(model, action: str) -> None:
-    """Raises the error of an unbuilt model (no weights yet) for `keras_peft.<action>`."""
-    if not getattr(model, "built", True) or not model.weights:
+    """Raises the error of an unbuilt model (no weights yet) for `keras_peft.<action>`.
+
+    A `tfrs.Model` is never `built` itself (it has no `call`): its towers
+    are, so a tf.keras model only needs weights.
+    """
+    unbuilt = not _tf_keras_model(model) and not model.built
+    if unbuilt or not model.weights:
         raise ValueError(
             f"Cannot {action} model {model.name!r}: it has no weights yet. Build it "
             "first (call it on a batch, or `model.build(input_shape)`), then wrap."

@@ -368,7 +368,8 @@ def keep_frozen(model, rules=None) -> dict:
                              keras.layers.Dense(8, name="block_1")], name="base")
     model = keras.Model(inputs, keras.layers.Dense(1, name="head")(base(inputs)))
     base.trainable = False  # the Keras way
-    keras_peft.wrap(model, keras_peft.keep_frozen(model, keras_peft.bitfit(model)))
+    rules = keras_peft.layerwise_lr_decay(model, 0.8)  # would train the base too
+    keras_peft.wrap(model, keras_peft.keep_frozen(model, rules))
     assert [v.path for v in model.trainable_weights] == ["head/kernel", "head/bias"]
     ```
     """

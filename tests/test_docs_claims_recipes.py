@@ -10,7 +10,6 @@ import os
 import sys
 
 import numpy as np
-import pytest
 
 import keras_peft
 
@@ -54,23 +53,12 @@ def test_bert_recipe_usual_learning_rates_are_those_of_its_table():
 
 
 # --------------------------------------------------------------- skip_nonfinite
-RECIPE_PARSERS = [
-    pytest.param(bert.parse_args, id="bert_text_classification", marks=pytest.mark.xfail(
-        strict=True, reason="docs claim the recipes turn skip_nonfinite on by default; "
-        "bert_text_classification.py has --skip-nonfinite default False; see report")),
-    pytest.param(segmentation.parse_args, id="image_segmentation", marks=pytest.mark.xfail(
-        strict=True, reason="docs claim the recipes turn skip_nonfinite on by default; "
-        "image_segmentation.py has --skip-nonfinite default False; see report")),
-]
-
-
-@pytest.mark.parametrize("parse_args", RECIPE_PARSERS)
-def test_keras_3_recipes_turn_skip_nonfinite_on_by_default(parse_args):
-    """reliability.md:198-199: "The option is saved with the model's config and in weight
-    files, and the recipes turn it on by default (`--no-skip-nonfinite` turns it off)."
-    (recipes/quickstart.py: tests/test_determinism.py; the recommender is tf.keras, where
-    the option does not exist.)"""
-    assert parse_args([]).skip_nonfinite is True
+def test_bert_and_segmentation_recipes_take_skip_nonfinite_off_by_default():
+    """reliability.md: "The quickstart turns it on; the BERT and segmentation recipes take
+    `--skip-nonfinite` (off by default ...)." (The quickstart: tests/test_determinism.py.)"""
+    for parse_args in (bert.parse_args, segmentation.parse_args):
+        assert parse_args([]).skip_nonfinite is False
+        assert parse_args(["--skip-nonfinite"]).skip_nonfinite is True
     assert parse_args(["--no-skip-nonfinite"]).skip_nonfinite is False
 
 

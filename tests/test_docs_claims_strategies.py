@@ -101,12 +101,9 @@ def test_norm_tuning_finds_normalization_layers_by_type_not_by_name():
 
 
 # --------------------------------------------------------------------- LoRA
-@pytest.mark.xfail(strict=True, reason="docs claim unmerge undoes merge exactly; it "
-                   "subtracts the adapters again in float32, so the base weights come back "
-                   "with rounding errors (~1e-7); see report")
-def test_unmerge_restores_the_base_weights_exactly():
-    """strategies.md:149-150: "`merge(model)` folds the adapters into the base weights for
-    serving (one matmul per layer again); `unmerge(model)` undoes it exactly." """
+def test_unmerge_restores_the_base_weights_up_to_float32_rounding():
+    """strategies.md: "`unmerge(model)` undoes it up to float32 rounding (it subtracts the
+    same product again: base kernels come back within about 1e-7 of their values)" """
     model = tiny_mlp()
     keras_peft.wrap(model, keras_peft.lora(model, rank=2, targets=r".*block_\d"))
     rng = np.random.default_rng(0)
@@ -119,7 +116,7 @@ def test_unmerge_restores_the_base_weights_exactly():
     assert not np.allclose(bases["mlp/block_0"].numpy(), before["mlp/block_0"])  # merged
     keras_peft.unmerge(model)
     for p, base in bases.items():
-        np.testing.assert_array_equal(base.numpy(), before[p], err_msg=p)
+        np.testing.assert_allclose(base.numpy(), before[p], rtol=0, atol=3e-7, err_msg=p)
 
 
 # ------------------------------------------------------------------- deltas
