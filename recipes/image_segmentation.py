@@ -79,7 +79,7 @@ def _int_list(text):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Fine-tune a segmentation model (keras-hub encoder + decoder) with a "
+        description="Fine-tune a segmentation model (a pretrained encoder + decoder) with a "
         "keras-peft strategy.",
     )
     g = p.add_argument_group("data")
