@@ -136,6 +136,15 @@ class PeftModel:
     tells whether a model is wrapped.
     """
 
+    def __new__(cls, *args, **kwargs):
+        # Keras builds a copy by calling a model's class (`clone_model` of a
+        # functional model): the copy is a plain model of the base class, to
+        # be wrapped again, never a wrapped class without a policy.
+        base = cls.__dict__.get("_peft_base_class")
+        if base is not None:
+            return base(*args, **kwargs)
+        return super().__new__(cls, *args, **kwargs)
+
     # Set by wrap().
     _peft_rules: dict
     _peft_plan: Plan
@@ -301,8 +310,12 @@ class PeftModel:
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
+        # The base classes wrapped in this process resolve by name, so that
+        # Keras can rebuild a wrapped subclassed model from its config
+        # (`clone_model`, which only knows the wrapped class's name).
+        known = {base.__name__: base for base in _CLASS_CACHE}
         base = keras.saving.deserialize_keras_object(
-            config["model"], custom_objects=custom_objects
+            config["model"], custom_objects={**known, **(custom_objects or {})}
         )
         _restore_lora_layers(base, config.get("lora") or [])
         rules = fit_rules_to_model(base, config["rules"])  # a Sequential's paths change

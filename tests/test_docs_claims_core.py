@@ -195,24 +195,13 @@ def test_batchnorm_set_untrainable_before_wrapping_keeps_its_statistics():
                                       "bnnet/head/kernel", "bnnet/head/bias"}
 
 
-CLONE_KINDS = [
-    pytest.param("sequential"),
-    pytest.param("functional", marks=pytest.mark.xfail(
-        strict=True, reason="known limitation (faq.md says so, with the workaround): for a wrapped "
-        "functional model clone_model returns a half-wrapped PeftFunctional (is_wrapped, no rules, "
-        "fit raises AttributeError); see report")),
-    pytest.param("subclassed", marks=pytest.mark.xfail(
-        strict=True, reason="known limitation (faq.md says so, with the workaround): for a wrapped "
-        "subclassed model it raises TypeError (keras_peft.model._Loader could not be "
-        "deserialized); see report")),
-]
+CLONE_KINDS = ["sequential", "functional"]
 
 
 @pytest.mark.parametrize("kind", CLONE_KINDS)
 def test_clone_model_of_a_wrapped_model_is_a_plain_model_to_wrap_again(kind):
-    """faq.md:76-79: "`clone_model` builds a new model from the layers' configs, with new
-    weights; it returns a plain Keras model (for a Sequential, every variable trainable
-    again), not a wrapped one. Wrap the clone, e.g.
+    """faq.md: "For a wrapped Sequential or functional model it returns a plain Keras
+    model (every variable trainable again), not a wrapped one. Wrap the clone, e.g.
     `keras_peft.wrap(clone, keras_peft.get_rules(model))`" """
     model = two_dense(kind)
     keras_peft.wrap(model, {r".*body/.*": Rule(trainable=False)})
@@ -221,6 +210,21 @@ def test_clone_model_of_a_wrapped_model_is_a_plain_model_to_wrap_again(kind):
     assert not isinstance(clone, keras_peft.PeftModel)
     assert all(v.trainable for v in clone.weights)
     keras_peft.wrap(clone, keras_peft.get_rules(model))
+    assert [v.path.rsplit("/", 2)[-2:] for v in clone.trainable_weights] == [
+        ["head", "kernel"], ["head", "bias"]]
+    before = snapshot(clone)
+    compile_fit(clone)
+    assert {p.rsplit("/", 2)[-2] for p in changed(before, clone)} == {"head"}
+
+
+def test_clone_model_of_a_wrapped_subclassed_model_comes_back_wrapped_with_its_rules():
+    """faq.md: "A wrapped subclassed model is cloned through its config, so the clone comes
+    back wrapped, with the same rules (and new weights)." """
+    model = two_dense("subclassed")
+    keras_peft.wrap(model, {r".*body/.*": Rule(trainable=False)})
+    clone = keras.models.clone_model(model)
+    assert clone is not model and keras_peft.is_wrapped(clone)
+    assert keras_peft.get_rules(clone) == keras_peft.get_rules(model)
     assert [v.path.rsplit("/", 2)[-2:] for v in clone.trainable_weights] == [
         ["head", "kernel"], ["head", "bias"]]
     before = snapshot(clone)
