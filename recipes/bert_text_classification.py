@@ -69,6 +69,7 @@ if HERE not in sys.path:
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from _plot_labels import place_labels  # noqa: E402
 from _text_classifier import (  # noqa: E402
     DEFAULT_PRESET,
     POOLINGS,
@@ -401,11 +402,10 @@ def comparison_chart(results: list[dict], path: str, title: str = "") -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     panels = ((axes[0], "trainable_params", "trainable parameters (log scale)", True),
               (axes[1], "train_time_s", "training time (s)", False))
+    colors = {}  # per panel, the colour of each point: its label takes it
     for ax, key, label, log in panels:
-        for r in results:
-            ax.scatter(r[key], r["val_accuracy"], s=40)
-            ax.annotate(r["strategy"], (r[key], r["val_accuracy"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=8)
+        colors[key] = [ax.scatter(r[key], r["val_accuracy"], s=40).get_facecolor()[0]
+                       for r in results]
         if log:
             ax.set_xscale("log")
         ax.set_xlabel(label)
@@ -417,6 +417,10 @@ def comparison_chart(results: list[dict], path: str, title: str = "") -> None:
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
+    for ax, key, _, _ in panels:  # last: labels are placed on the final layout
+        place_labels(ax, [(r[key], r["val_accuracy"]) for r in results],
+                     [r["strategy"] for r in results],
+                     colors=colors[key], fontsize=8, marker_size=40)
     _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
     plt.close(fig)
 
