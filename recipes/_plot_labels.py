@@ -4,10 +4,10 @@
 label, in order, it tries offsets around the point (the upper right first,
 then the other sides, then rings further out) and keeps the first whose text
 box, measured with the figure's renderer (`get_window_extent`), overlaps no
-label placed before it and no point marker, stays inside the axes and whose
-leader line (drawn when a label had to move away from its point) crosses no
-other label or point. When no offset is free, it keeps the one with the least
-overlap.
+label placed before it, no point marker and no artist named in `avoid`, stays
+inside the axes, and whose leader line (drawn when a label had to move away
+from its point) crosses no other label or point. When no offset is free, it
+keeps the one with the least overlap.
 
 Call it last, once the axes' scales, limits and the figure's layout are final
 (after `fig.tight_layout()`): boxes are measured in display space, and a later
@@ -83,20 +83,38 @@ def _segment_hits_box(p, q, box) -> bool:
     return True
 
 
+def _extents(artist, renderer) -> list[tuple]:
+    """Boxes in display space that `artist` covers: its window extent, or for a
+    collection (an error bar's LineCollection reports no window extent), each
+    of its paths' extents, widened by half the line width (a vertical bar's
+    path has no width)."""
+    box = tuple(artist.get_window_extent(renderer).extents)
+    if all(math.isfinite(v) for v in box) and box[2] >= box[0] and box[3] >= box[1]:
+        boxes = [box]
+    else:
+        transform = artist.get_transform()
+        boxes = [tuple(path.get_extents(transform).extents) for path in artist.get_paths()]
+    widths = artist.get_linewidth() if hasattr(artist, "get_linewidth") else 1.0
+    width = max(widths) if hasattr(widths, "__len__") and len(widths) else widths
+    pad = max(float(width or 0.0), 1.0) / 2 * renderer.points_to_pixels(1.0)
+    return [(x0 - pad, y0 - pad, x1 + pad, y1 + pad) for x0, y0, x1, y1 in boxes]
+
+
 def _center(box):
     return ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
 
 
 def place_labels(ax, points, labels, *, colors=None, fontsize: float = 8,
-                 marker_size: float | None = None, **text_kw) -> list:
+                 marker_size: float | None = None, avoid=(), **text_kw) -> list:
     """Labels `points` [(x, y), ...] of `ax` with `labels`, no label over another.
 
     `colors` (one per point, optional) colours each label and its leader line,
     best the colour of its marker, so that a label moved away from a cluster
     still reads as its point's. `marker_size` is the markers' area in points
     squared, as scatter's `s` (default: matplotlib's, `lines.markersize`
-    squared). Other keyword arguments go to `ax.annotate`. Returns the
-    annotations, in the order of `points`.
+    squared). `avoid`: other artists no label may cover (an error bar's lines,
+    say), each by its window extent. Other keyword arguments go to
+    `ax.annotate`. Returns the annotations, in the order of `points`.
     """
     import matplotlib as mpl
 
@@ -119,6 +137,7 @@ def place_labels(ax, points, labels, *, colors=None, fontsize: float = 8,
     radius = math.sqrt(marker_size) / 2 * px_per_pt + 1.0  # pixels, with a little room
     centers = [tuple(ax.transData.transform(p)) for p in points]
     markers = [(x - radius, y - radius, x + radius, y + radius) for x, y in centers]
+    obstacles = markers + [box for a in avoid for box in _extents(a, renderer)]
     frame = tuple(ax.bbox.extents)
     fig_frame = tuple(fig.bbox.extents)
     marker_radius_pt = radius / px_per_pt
@@ -142,7 +161,7 @@ def place_labels(ax, points, labels, *, colors=None, fontsize: float = 8,
                 box = tuple(ann.get_window_extent(renderer).extents)
                 leader = ring >= _LEADER_FROM_RING
                 clash = (sum(_overlap(box, other) for other in placed_boxes)
-                         + sum(_overlap(box, m) for m in markers))
+                         + sum(_overlap(box, o) for o in obstacles))
                 crossings = sum(_segment_hits_box(p, c, box) for p, c in leaders)
                 if leader:
                     start, end = centers[index], _center(box)

@@ -885,25 +885,26 @@ def _save_experiment_chart(path, rows_by_corruption):
     fig, axes = plt.subplots(1, count, figsize=(4.6 * count, 3.4), squeeze=False)
     labels = []  # per panel: points, names, colours
     for ax, (corruption, rows) in zip(axes[0], rows_by_corruption.items()):
-        points, names, colors = [], [], []
+        points, names, colors, bars = [], [], [], []
         for r in rows:
             if r["status"] != "run":
                 continue
             x = max(r["trainable_params"], 1)
             s = r["mean_iou"]
-            bars = ax.errorbar([x], [s["mean"]], yerr=[s["std"]], fmt="o", capsize=3,
-                               markersize=4)
+            drawn = ax.errorbar([x], [s["mean"]], yerr=[s["std"]], fmt="o", capsize=3,
+                                markersize=4)
             points.append((x, s["mean"]))
             names.append(r["strategy"])
-            colors.append(bars.lines[0].get_color())
-        labels.append((ax, points, names, colors))
+            colors.append(drawn.lines[0].get_color())
+            bars += [*drawn.lines[1], *drawn.lines[2]]  # caps and bars: no label over them
+        labels.append((ax, points, names, colors, bars))
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (log; none at 1)")
         ax.set_title(corruption, fontsize=9)
     axes[0][0].set_ylabel("test mean IoU (mean ± std, 3 seeds)")
     fig.tight_layout()
-    for ax, points, names, colors in labels:  # on the final layout
-        place_labels(ax, points, names, colors=colors, fontsize=7, marker_size=16)
+    for ax, points, names, colors, bars in labels:  # on the final layout
+        place_labels(ax, points, names, colors=colors, fontsize=7, marker_size=16, avoid=bars)
     seg_metrics.save_figure(path, fig, dpi=80)
     plt.close(fig)
     return path

@@ -145,3 +145,49 @@ def test_colors_and_errors():
         place_labels(ax, points, ["a"])
     with pytest.raises(ValueError, match="2 points but 3 colors"):
         place_labels(ax, points, ["a", "b"], colors=["r", "g", "b"])
+
+
+def _bars_hit(fig, ax, boxes, collections):
+    """(label, bar) pairs where a label's box covers an error bar's vertical line."""
+    hits = []
+    for i, box in enumerate(boxes):
+        for j, collection in enumerate(collections):
+            for (x, y0), (_, y1) in collection.get_segments():
+                (bx, by0), (_, by1) = ax.transData.transform([(x, y0), (x, y1)])
+                if box.x0 < bx < box.x1 and box.y0 < max(by0, by1) and min(by0, by1) < box.y1:
+                    hits.append((i, j))
+    return hits
+
+
+def test_labels_keep_off_error_bars():
+    """The segmentation experiment's chart: mean ± std bars, two strategies at ~the same x."""
+    runs = {"surgical:stem+0": (83520, 0.569, 0.031), "surgical": (73984, 0.558, 0.003),
+            "bitfit": (292146, 0.543, 0.032), "decoder": (290706, 0.534, 0.009),
+            "full": (1325970, 0.542, 0.029), "auto": (1325970, 0.553, 0.023),
+            "none": (1, 0.509, 0.0)}
+    names = list(runs)
+    points = [(x, y) for x, y, _ in runs.values()]
+
+    def chart():
+        fig = Figure(figsize=(4.6, 3.4), dpi=80)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        avoid, collections = [], []
+        for x, y, std in runs.values():
+            drawn = ax.errorbar([x], [y], yerr=[std], fmt="o", capsize=3, markersize=4)
+            avoid += [*drawn.lines[1], *drawn.lines[2]]
+            collections += list(drawn.lines[2])
+        ax.set_xscale("log")
+        fig.tight_layout()
+        return fig, ax, avoid, collections
+
+    fig, ax, avoid, collections = chart()
+    old = [ax.annotate(n, p, fontsize=7, xytext=(4, 2), textcoords="offset points")
+           for n, p in zip(names, points)]
+    assert _bars_hit(fig, ax, _text_boxes(fig, old), collections) != []  # the old placement
+
+    fig, ax, avoid, collections = chart()
+    annotations = place_labels(ax, points, names, fontsize=7, marker_size=16, avoid=avoid)
+    boxes = _text_boxes(fig, annotations)
+    assert _bars_hit(fig, ax, boxes, collections) == []
+    assert _overlapping_labels(names, boxes) == []
