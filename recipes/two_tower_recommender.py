@@ -1,16 +1,27 @@
-"""Two-tower movie recommender (TFRS), pretrained on the past, adapted to the present.
+"""Two-tower movie recommender (TFRS or keras-rs), pretrained on the past, adapted to the present.
 
     python recipes/two_tower_recommender.py --data ../shared/data/movielens-latest-small
     python recipes/two_tower_recommender.py --data ../shared/data/movielens-latest-small \\
-        --compare all
+        --compare all --seeds 0,1,2
+    python recipes/two_tower_recommender.py --framework tfrs --data ...   # TFRS, tf.keras 2
     python recipes/two_tower_recommender.py            # tfds:movielens/100k-ratings (online)
 
-A tensorflow-recommenders retrieval model: the **query tower** embeds the user
-id (plus, with `--query-features timestamp`, the time of the request); the
+A two-tower retrieval model: the **query tower** embeds the user id (plus,
+with `--query-features timestamp`, the time of the request); the
 **candidate tower** embeds the movie id, its title (words, averaged) and its
-genres, and projects both to one space. It is trained with `tfrs.tasks.Retrieval`
-(in-batch softmax) and evaluated with `FactorizedTopK` against every movie of
-the catalogue.
+genres, and projects both to one space. It is trained with an in-batch
+softmax and evaluated against every movie of the catalogue.
+
+`--framework` picks the library it is built with, the same model either way
+(same layers, names, initialisers, loss, optimizer, data and evaluation):
+
+- `keras-rs` (the default when `keras_rs` imports): Keras 3 models, the
+  retrieval loss written with keras-rs' `SamplingProbabilityCorrection` and
+  `RemoveAccidentalHits`, recommendations from `BruteForceRetrieval`. No
+  `TF_USE_LEGACY_KERAS`: keras_peft wraps the Keras 3 model directly.
+- `tfrs`: tensorflow-recommenders 0.7.7 (`tfrs.Model`, `tfrs.tasks.Retrieval`
+  with `FactorizedTopK`), which needs Keras 2 as `tf.keras`: the recipe sets
+  `TF_USE_LEGACY_KERAS=1` before it imports TensorFlow.
 
 The scenario keras-peft is for: a model trained on the past must serve the
 present. With the default **time split** the model is pretrained on ratings
@@ -28,377 +39,172 @@ on the same evaluation data:
 - `query_tower`: the candidate tower is frozen, the query tower trains;
 - `user_embeddings`: only the user-id embedding table trains (only users
   with adaptation ratings get gradients: the new and active users);
+- `new_id_embeddings`: only the rows of the user and movie id tables whose
+  ids have no rating before the cut-off train (a row mask: the other rows
+  stay bit-identical);
 - `tower_lr`: everything trains, the candidate tower at `--candidate-lr-scale`
   times the learning rate (`Rule(lr_scale=...)`);
 - `lora_embeddings`: a rank-`--lora-rank` update `A @ B` of the user and
   movie id embedding tables trains; everything else is frozen.
 
-Metrics: top-10/50/100 retrieval accuracy (`FactorizedTopK`: is the rated
-movie among the K best scored of the whole catalogue, per evaluation
-rating), and recall@K per user (the share of a user's evaluation movies in
-their K best, after removing the movies they rated before; averaged over
-users), with recall@100 split into users new since pretraining and returning
-ones. Each run reports its trainable parameters and seconds per epoch (wall
-and CPU).
-At the end a brute-force index (ScaNN if installed) over the catalogue
-prints recommendations for a few users next to their history.
+Metrics (the same NumPy code for both frameworks): top-10/50/100 retrieval
+accuracy (is the rated movie among the K best scored of the whole catalogue,
+per evaluation rating), and recall@K per user (the share of a user's
+evaluation movies in their K best, after removing the movies they rated
+before; averaged over users), with recall@100 split into users new since
+pretraining and returning ones. Each run reports its trainable parameters
+and seconds per epoch and per step (wall and CPU). `--seeds 0,1,2` repeats
+pretraining and every strategy per seed and reports means and spreads.
+At the end an index over the catalogue prints recommendations for a few
+users next to their history.
 
 Outputs under `--output-dir`: `results.json` (one strategy) or
 `comparison.json` and `comparison.md` (`--compare`), written atomically.
 
-`main(argv)` returns the results as a dict, so tests can import it.
-tensorflow-recommenders needs Keras 2 as `tf.keras`: this script sets
-`TF_USE_LEGACY_KERAS=1` before importing TensorFlow.
+`main(argv)` returns the results as a dict, so tests can import it. This
+module imports no TensorFlow until `main` knows the framework; its other
+names (`build_vocabulary`, `build_model`, `train`, `make_dataset`, ...) are
+the shared ones of `_two_tower_common.py`, with `build_model` and `train`
+dispatching to the framework.
 """
 
 from __future__ import annotations
 
-import os
-
-# Before TensorFlow is imported (see docs/tf-keras.md).
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import argparse
-import dataclasses
+import importlib
 import importlib.util
+import os
 import sys
 import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from _movielens import MovieLens, MovieLensError, Split, load_ratings, split, synthetic  # noqa: E402
-
-import keras_peft  # noqa: E402
-from keras_peft import Rule  # noqa: E402
-from keras_peft.io import atomic_write_json, atomic_write_text  # noqa: E402
-from keras_peft.tf_keras import require_legacy_keras  # noqa: E402
-
 DEFAULT_DATA = "tfds:movielens/100k-ratings"
 DEFAULT_OUTPUT_DIR = os.path.join("runs", "two_tower_recommender")
-KS = (10, 50, 100)
+FRAMEWORKS = ("keras-rs", "tfrs")
 STRATEGIES = ("none", "full_retrain", "full_finetune", "query_tower", "user_embeddings",
-              "tower_lr", "lora_embeddings")
-FROZEN = Rule(trainable=False, note="frozen")
+              "new_id_embeddings", "tower_lr", "lora_embeddings")
+KERAS_RS_MISSING = (
+    "--framework keras-rs: keras-rs is not installed. It needs Python >= 3.11 (this is "
+    "Python {version}); install it with `pip install \"keras-rs==0.4.0\"`, or run the "
+    "TFRS version with --framework tfrs."
+)
 
 
-# ---------------------------------------------------------------------- model
-def _tfrs():
-    require_legacy_keras("recipes/two_tower_recommender.py (tensorflow-recommenders)")
-    import tensorflow_recommenders as tfrs
-
-    return tfrs
+def default_framework() -> str:
+    """`keras-rs` when it can be imported, else `tfrs`."""
+    return "keras-rs" if importlib.util.find_spec("keras_rs") is not None else "tfrs"
 
 
-@dataclasses.dataclass
-class Vocabulary:
-    """What the towers' lookup layers know: built once, shared by every model."""
+def framework_module(name: str):
+    """The framework's module, imported the way it needs (`tfrs`: Keras 2 as `tf.keras`).
 
-    users: np.ndarray
-    movie_ids: np.ndarray
-    titles: np.ndarray
-    genres: np.ndarray
-    genre_names: list
-    title_words: list
-    time_boundaries: list
-
-
-def build_vocabulary(data: MovieLens, parts: Split, max_title_words: int) -> Vocabulary:
-    """Users known when adaptation runs (pretraining and adaptation periods), the catalogue.
-
-    Users who first rate after the cut-off are in the vocabulary from the
-    start; pretraining leaves their embeddings at their random initial
-    values, which is what adaptation has to fix. Users first seen in the
-    evaluation data fall into the lookup's out-of-vocabulary row.
+    For `tfrs`, `TF_USE_LEGACY_KERAS=1` is set first; it only takes effect when
+    TensorFlow has not been imported yet, and the module's first use of TFRS
+    says what to do otherwise. `keras-rs` leaves the environment alone.
     """
-    known = np.concatenate([parts.pretrain, parts.adapt])
-    users = np.unique(data.user[known])
-    genre_names = sorted({g for gs in data.genres for g in gs.split("|") if g})
-    vectorizer = tf.keras.layers.TextVectorization(max_tokens=max_title_words + 2)
-    vectorizer.adapt(tf.data.Dataset.from_tensor_slices(data.titles).batch(4096))
-    words = vectorizer.get_vocabulary()[2:]  # without the mask and OOV tokens
-    pre_times = data.timestamp[parts.pretrain]
-    boundaries = sorted(set(np.quantile(pre_times, np.linspace(0, 1, 21)[1:-1]).tolist()))
-    return Vocabulary(users, data.movie_ids, data.titles, data.genres, genre_names, words,
-                      boundaries)
+    if name == "tfrs":
+        os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # before TensorFlow is imported
+        module = importlib.import_module("_two_tower_tfrs")
+        module._tfrs()  # fail early, with what to do, if tf.keras is not Keras 2
+        return module
+    if name == "keras-rs":
+        if importlib.util.find_spec("keras_rs") is None:
+            raise RuntimeError(KERAS_RS_MISSING.format(version=sys.version.split()[0]))
+        return importlib.import_module("_two_tower_keras_rs")
+    raise ValueError(f"Unknown framework {name!r}. Expected one of: {', '.join(FRAMEWORKS)}.")
 
 
-class QueryTower(tf.keras.Model):
-    """User id (and optionally the request time) -> query embedding."""
+def _model_framework(model) -> str:
+    import keras
 
-    def __init__(self, vocab: Vocabulary, dim: int, id_dim: int, use_time: bool):
-        super().__init__(name="query")
-        self.use_time = use_time
-        self.user_lookup = tf.keras.layers.StringLookup(
-            vocabulary=vocab.users, mask_token=None, name="user_lookup")
-        self.user_embedding = tf.keras.layers.Embedding(
-            len(vocab.users) + 1, id_dim, name="user_embedding")
-        if use_time:
-            self.time_buckets = tf.keras.layers.Discretization(
-                bin_boundaries=vocab.time_boundaries, name="time_buckets")
-            self.time_embedding = tf.keras.layers.Embedding(
-                len(vocab.time_boundaries) + 1, 8, name="time_embedding")
-        self.projection = tf.keras.layers.Dense(dim, name="projection")
-
-    def call(self, features):
-        x = self.user_embedding(self.user_lookup(features["user_id"]))
-        if self.use_time:
-            t = self.time_embedding(self.time_buckets(tf.cast(features["timestamp"], tf.float64)))
-            x = tf.concat([x, t], axis=-1)
-        return self.projection(x)
+    return "keras-rs" if isinstance(model, keras.Model) else "tfrs"
 
 
-class CandidateTower(tf.keras.Model):
-    """Movie id, title words and genres -> candidate embedding."""
-
-    def __init__(self, vocab: Vocabulary, dim: int, id_dim: int, text_dim: int):
-        super().__init__(name="candidate")
-        self.movie_lookup = tf.keras.layers.StringLookup(
-            vocabulary=vocab.movie_ids, mask_token=None, name="movie_lookup")
-        self.movie_embedding = tf.keras.layers.Embedding(
-            len(vocab.movie_ids) + 1, id_dim, name="movie_embedding")
-        self.title_vectorizer = tf.keras.layers.TextVectorization(
-            vocabulary=vocab.title_words, name="title_vectorizer")
-        self.title_embedding = tf.keras.layers.Embedding(
-            len(vocab.title_words) + 2, text_dim, mask_zero=True, name="title_embedding")
-        self.title_pooling = tf.keras.layers.GlobalAveragePooling1D(name="title_pooling")
-        self.genre_lookup = tf.keras.layers.StringLookup(
-            vocabulary=vocab.genre_names, mask_token=None, name="genre_lookup")
-        self.genre_embedding = tf.keras.layers.Embedding(
-            len(vocab.genre_names) + 1, text_dim, name="genre_embedding")
-        self.projection = tf.keras.layers.Dense(dim, name="projection")
-
-    def call(self, features):
-        movie = self.movie_embedding(self.movie_lookup(features["movie_id"]))
-        title = self.title_pooling(self.title_embedding(self.title_vectorizer(features["title"])))
-        genres = tf.strings.split(features["genres"], "|")
-        genres = tf.ragged.boolean_mask(genres, tf.strings.length(genres) > 0)
-        genre_vectors = self.genre_embedding(self.genre_lookup(genres))
-        count = tf.cast(genre_vectors.row_lengths(), tf.float32)[:, None]
-        genre = tf.reduce_sum(genre_vectors, axis=1) / tf.maximum(count, 1.0)
-        return self.projection(tf.concat([movie, title, genre], axis=-1))
+# Backward-compatible names: the shared helpers, and the framework-dispatching ones.
+def build_model(vocab, args, seed: int):
+    """The two-tower model of `args.framework`, built (so it can be wrapped at once)."""
+    return framework_module(args.framework).build_model(vocab, args, seed)
 
 
-def catalogue_dataset(vocab: Vocabulary) -> tf.data.Dataset:
-    return tf.data.Dataset.from_tensor_slices(
-        {"movie_id": vocab.movie_ids, "title": vocab.titles, "genres": vocab.genres})
+def train(model, dataset, epochs, learning_rate, verbose):
+    """Adagrad on the model's framework; returns the epochs' timings."""
+    return framework_module(_model_framework(model)).train(model, dataset, epochs,
+                                                            learning_rate, verbose)
 
 
-def build_model(vocab: Vocabulary, args, seed: int):
-    """A `tfrs.Model` with both towers built (so it can be wrapped at once)."""
-    tfrs = _tfrs()
-    tf.keras.utils.set_random_seed(seed)
-
-    class TwoTowerModel(tfrs.Model):
-        def __init__(self):
-            super().__init__(name="two_tower")
-            self.query_model = QueryTower(vocab, args.embedding_dim, args.id_dim,
-                                          "timestamp" in args.query_features)
-            self.candidate_model = CandidateTower(vocab, args.embedding_dim, args.id_dim,
-                                                  args.text_dim)
-            # Candidates with their ids: the metric checks whether the rated movie's id
-            # is among the K retrieved (exact, where score ties could inflate it).
-            candidates = catalogue_dataset(vocab).batch(1024).map(
-                lambda f: (f["movie_id"], self.candidate_model(f)))
-            self.task = tfrs.tasks.Retrieval(
-                metrics=tfrs.metrics.FactorizedTopK(candidates=candidates, ks=KS),
-                remove_accidental_hits=args.remove_accidental_hits)
-
-        def compute_loss(self, features, training=False):
-            extra = {"candidate_ids": features["movie_id"]}
-            if args.logq:
-                # In-batch negatives are drawn in proportion to popularity; subtracting
-                # log(probability) from the logits removes that bias (Yi et al., 2019).
-                extra["candidate_sampling_probability"] = features["probability"]
-            return self.task(self.query_model(features), self.candidate_model(features),
-                             compute_metrics=not training, **extra)
-
-    model = TwoTowerModel()
-    sample = {"user_id": vocab.users[:2], "timestamp": np.zeros(2, np.int64),
-              "movie_id": vocab.movie_ids[:2], "title": vocab.titles[:2],
-              "genres": vocab.genres[:2]}
-    model.query_model(sample)
-    model.candidate_model(sample)
-    return model
-
-
-# ------------------------------------------------------------------ strategies
-def strategy_rules(name: str, model, args) -> dict | None:
-    """The rules each adaptation strategy wraps the pretrained model with."""
-    if name == "full_finetune":
-        return keras_peft.full(model)
-    if name == "query_tower":
-        return {"candidate/.*": Rule(trainable=False, note="candidate tower frozen"),
-                "query/.*": Rule(note="query tower")}
-    if name == "user_embeddings":
-        return {"query/user_embedding/embeddings": Rule(note="user embeddings"), ".*": FROZEN}
-    if name == "tower_lr":
-        return {"candidate/.*": Rule(lr_scale=args.candidate_lr_scale, note="candidate tower"),
-                "query/.*": Rule(note="query tower")}
-    if name == "lora_embeddings":
-        return keras_peft.lora(model, rank=args.lora_rank,
-                               targets=r"query/user_embedding|candidate/movie_embedding",
-                               rest=FROZEN)
-    raise ValueError(f"Unknown strategy {name!r}. Expected one of {', '.join(STRATEGIES)}.")
-
-
-# ------------------------------------------------------------------ data sets
-def features(data: MovieLens, indices: np.ndarray) -> dict:
-    titles, genres = data.titles_by_id(), dict(zip(data.movie_ids.tolist(), data.genres.tolist()))
-    items = data.item[indices]
-    values, counts = np.unique(items, return_counts=True)
-    share = dict(zip(values.tolist(), (counts / max(len(items), 1)).tolist()))
-    return {
-        "probability": np.array([share[i] for i in items], np.float32),
-        "user_id": data.user[indices],
-        "movie_id": items,
-        "title": np.array([titles[i] for i in items]),
-        "genres": np.array([genres[i] for i in items]),
-        "timestamp": data.timestamp[indices],
-    }
-
-
-def make_dataset(data, indices, batch_size, shuffle_seed=None):
-    ds = tf.data.Dataset.from_tensor_slices(features(data, indices))
-    if shuffle_seed is not None:
-        ds = ds.shuffle(len(indices), seed=shuffle_seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-class EpochTimer(tf.keras.callbacks.Callback):
-    """Wall seconds and CPU seconds (this process, all threads) of every epoch.
-
-    On a machine shared with other jobs the wall time of an epoch varies
-    with their load; the CPU time the epoch used varies much less.
-    """
-
-    def on_train_begin(self, logs=None):
-        self.seconds, self.cpu_seconds = [], []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = (time.perf_counter(), time.process_time())
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start[0])
-        self.cpu_seconds.append(time.process_time() - self._start[1])
-
-
-def train(model, dataset, epochs, learning_rate, verbose) -> EpochTimer:
-    """Adagrad, as in the TFRS tutorials; returns the epochs' timings."""
-    model.compile(optimizer=tf.keras.optimizers.Adagrad(learning_rate))
-    timer = EpochTimer()
-    model.fit(dataset, epochs=epochs, verbose=verbose, callbacks=[timer])
-    return timer
-
-
-def steady(values: list[float]) -> float:
-    """The median epoch after the first (which also traces the train step)."""
-    return float(np.median(values[1:] or values)) if values else 0.0
-
-
-# ------------------------------------------------------------------ evaluation
-@dataclasses.dataclass
-class EvalSet:
-    dataset: tf.data.Dataset
-    users: np.ndarray  # evaluation users
-    relevant: list  # per user: set of catalogue indices rated in evaluation
-    seen: list  # per user: catalogue indices rated before (removed from their list)
-    new_user: np.ndarray  # bool: no rating in the pretraining period
-    query_time: np.ndarray  # the user's first evaluation timestamp
-
-
-def make_eval_set(data: MovieLens, parts: Split, batch_size: int) -> EvalSet:
-    index = {m: i for i, m in enumerate(data.movie_ids.tolist())}
-    known = np.concatenate([parts.pretrain, parts.adapt])
-    pre_users = set(data.user[parts.pretrain].tolist())
-    seen: dict[str, set] = {}
-    for u, m in zip(data.user[known].tolist(), data.item[known].tolist()):
-        seen.setdefault(u, set()).add(index[m])
-    relevant: dict[str, set] = {}
-    first: dict[str, int] = {}
-    for u, m, t in zip(data.user[parts.evaluate].tolist(), data.item[parts.evaluate].tolist(),
-                       data.timestamp[parts.evaluate].tolist()):
-        relevant.setdefault(u, set()).add(index[m])
-        first[u] = min(first.get(u, t), t)
-    users = np.array(sorted(relevant))
-    return EvalSet(
-        dataset=make_dataset(data, parts.evaluate, batch_size),
-        users=users,
-        relevant=[relevant[u] for u in users],
-        seen=[seen.get(u, set()) for u in users],
-        new_user=np.array([u not in pre_users for u in users]),
-        query_time=np.array([first[u] for u in users], np.int64),
-    )
-
-
-def candidate_embeddings(model, vocab: Vocabulary) -> np.ndarray:
-    return np.concatenate([
-        model.candidate_model(batch).numpy()
-        for batch in catalogue_dataset(vocab).batch(2048)
-    ])
-
-
-def evaluate(model, vocab: Vocabulary, ev: EvalSet, verbose: int) -> dict:
-    """Top-K accuracy (FactorizedTopK) and per-user recall@K, seen movies removed."""
-    if model.optimizer is None:  # `none`: evaluated as pretrained, never compiled
-        model.compile(optimizer=tf.keras.optimizers.Adagrad(0.1))
-    logs = model.evaluate(ev.dataset, return_dict=True, verbose=verbose)
-    out = {f"top_{k}": float(logs[f"factorized_top_k/top_{k}_categorical_accuracy"]) for k in KS}
-    out["eval_loss"] = float(logs["loss"])
-    queries = model.query_model({"user_id": ev.users, "timestamp": ev.query_time}).numpy()
-    scores = queries @ candidate_embeddings(model, vocab).T
-    for row, seen in enumerate(ev.seen):
-        scores[row, list(seen)] = -np.inf
-    best = np.argsort(-scores, axis=1, kind="stable")[:, :max(KS)]
-    for k in KS:
-        hits = np.array([len(rel.intersection(best[i, :k].tolist())) / len(rel)
-                         for i, rel in enumerate(ev.relevant)])
-        out[f"recall_{k}"] = float(hits.mean())
-        if k == max(KS):
-            for name, mask in (("new_users", ev.new_user), ("returning_users", ~ev.new_user)):
-                out[f"recall_{k}_{name}"] = float(hits[mask].mean()) if mask.any() else None
-    return out
+def __getattr__(name):  # PEP 562: the shared names, imported on first use
+    if name.startswith("__"):
+        raise AttributeError(name)
+    common = importlib.import_module("_two_tower_common")
+    try:
+        return getattr(common, name)
+    except AttributeError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
 
 
 # ------------------------------------------------------------------ the runs
-def run_strategy(name, args, data, parts, vocab, pretrained, ev, pretrain_timing) -> dict:
+def run_strategy(name, args, fw, data, parts, vocab, pretrained, ev, pretrain_timing,
+                 seed) -> dict:
+    import numpy as np
+    from _two_tower_common import (
+        frozen_all,
+        make_dataset,
+        new_id_rows,
+        steady,
+        strategy_rules,
+    )
+
+    import keras_peft
+
     started = time.perf_counter()
     if args.verbose:
-        print(f"\n=== {name} ===", flush=True)
-    model = build_model(vocab, args, args.seed)
+        print(f"\n=== {name} (seed {seed}) ===", flush=True)
+    model = fw.build_model(vocab, args, seed)
     timer = None
     epochs = 0
+    updated = None
     if name == "full_retrain":
         rows = np.concatenate([parts.pretrain, parts.adapt])
-        timer = train(model, make_dataset(data, rows, args.batch_size, args.seed),
-                      args.epochs, args.learning_rate, args.verbose)
+        timer = fw.train(model, make_dataset(data, rows, args.batch_size, seed),
+                         args.epochs, args.learning_rate, args.verbose)
         epochs = args.epochs
         report = keras_peft.report(model)
     else:
         model.set_weights(pretrained)
         if name == "none":
-            report = keras_peft.report(model, {".*": FROZEN})
+            report = keras_peft.report(model, frozen_all())
         else:
+            if name == "new_id_embeddings":
+                masks = new_id_rows(vocab)
+                model.set_row_masks(masks["user"], masks["movie"])
+                updated = int(masks["user"].sum() + masks["movie"].sum()) * args.id_dim
             keras_peft.wrap(model, strategy_rules(name, model, args))
             report = keras_peft.report(model)
             if args.verbose >= 2:
                 print(report)
-            timer = train(model, make_dataset(data, parts.adapt, args.batch_size, args.seed),
-                          args.adapt_epochs, args.adapt_learning_rate, args.verbose)
+            timer = fw.train(model, make_dataset(data, parts.adapt, args.batch_size, seed),
+                             args.adapt_epochs, args.adapt_learning_rate, args.verbose)
             epochs = args.adapt_epochs
-    metrics = evaluate(model, vocab, ev, args.verbose)
+    metrics = fw.evaluate(model, vocab, ev, args.verbose)
+    per_epoch = steady(timer.seconds) if timer else 0.0
+    steps = timer.steps / max(len(timer.seconds), 1) if timer else 0
     result = {
         "strategy": name,
+        "seed": seed,
+        "framework": args.framework,
         **metrics,
         "trainable_params": report.trainable_params,
+        "updated_params": report.trainable_params if updated is None else updated,
         "total_params": report.total_params,
         "epochs": epochs,
-        "seconds_per_epoch": steady(timer.seconds) if timer else 0.0,
+        "seconds_per_epoch": per_epoch,
         "cpu_seconds_per_epoch": steady(timer.cpu_seconds) if timer else 0.0,
+        "seconds_per_step": per_epoch / steps if steps else 0.0,
         "first_epoch_seconds": float(timer.seconds[0]) if timer else 0.0,
         "train_examples": int(len(parts.pretrain) + len(parts.adapt)) if name == "full_retrain"
         else (0 if name == "none" else len(parts.adapt)),
@@ -408,48 +214,11 @@ def run_strategy(name, args, data, parts, vocab, pretrained, ev, pretrain_timing
     }
     if args.verbose:
         print(f"{name}: top-10/50/100 {result['top_10']:.4f}/{result['top_50']:.4f}/"
-              f"{result['top_100']:.4f}, recall@100 {result['recall_100']:.4f}, "
-              f"trainable {result['trainable_params']:,} of {result['total_params']:,}, "
-              f"{result['seconds_per_epoch']:.2f} s/epoch "
+              f"{result['top_100']:.4f}, recall@10/100 {result['recall_10']:.4f}/"
+              f"{result['recall_100']:.4f}, trainable {result['updated_params']:,} of "
+              f"{result['total_params']:,}, {result['seconds_per_epoch']:.2f} s/epoch "
               f"({result['cpu_seconds_per_epoch']:.2f} CPU s)", flush=True)
     return {"result": result, "model": model}
-
-
-def recommend(model, vocab: Vocabulary, data: MovieLens, parts: Split, ev: EvalSet,
-              users: int = 3, k: int = 5) -> list[dict]:
-    """Top-`k` movies for a few evaluation users from an index over the catalogue."""
-    tfrs = _tfrs()
-    titles = data.titles_by_id()
-    factorized = tfrs.layers.factorized_top_k
-    if importlib.util.find_spec("scann") is not None and hasattr(factorized, "ScaNN"):
-        index, kind = factorized.ScaNN(model.query_model, k=k), "ScaNN"
-    else:
-        index, kind = factorized.BruteForce(model.query_model, k=k), "brute force"
-    index.index_from_dataset(catalogue_dataset(vocab).batch(1024).map(
-        lambda f: (f["movie_id"], model.candidate_model(f))))
-    known = np.concatenate([parts.pretrain, parts.adapt])
-    order = np.argsort([-len(s) for s in ev.relevant], kind="stable")[:users]
-    out = []
-    for i in order:
-        user = str(ev.users[i])
-        mine = known[data.user[known] == user]
-        mine = mine[np.argsort(data.timestamp[mine], kind="stable")]
-        history = [str(m) for m in data.item[mine]]
-        exclusions = tf.constant([history or [""]])
-        _, ids = index.query_with_exclusions(
-            {"user_id": tf.constant([user]), "timestamp": tf.constant([ev.query_time[i]])},
-            exclusions, k=k)
-        picks = [x.decode() for x in ids.numpy()[0]]
-        relevant = {str(vocab.movie_ids[j]) for j in ev.relevant[i]}
-        out.append({
-            "user": user,
-            "new_user": bool(ev.new_user[i]),
-            "history": [titles[m] for m in history[-5:]],
-            "recommended": [{"title": titles.get(m, m), "rated_later": m in relevant}
-                            for m in picks],
-            "index": kind,
-        })
-    return out
 
 
 def print_recommendations(recs: list[dict]) -> None:
@@ -464,29 +233,26 @@ def print_recommendations(recs: list[dict]) -> None:
             print(f"  {'*' if rec['rated_later'] else ' '} {rec['title']}")
 
 
-def comparison_table(results: list[dict]) -> str:
-    lines = [
-        "| strategy | top-10 | top-50 | top-100 | recall@10 | recall@100 | recall@100 new "
-        "users | trainable params | examples/epoch | s/epoch | CPU s/epoch |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in results:
-        new = r.get("recall_100_new_users")
-        lines.append(
-            f"| {r['strategy']} | {r['top_10']:.4f} | {r['top_50']:.4f} | {r['top_100']:.4f} | "
-            f"{r['recall_10']:.4f} | {r['recall_100']:.4f} | "
-            f"{'-' if new is None else f'{new:.4f}'} | {r['trainable_params']:,} | "
-            f"{r['train_examples']:,} | {r['seconds_per_epoch']:.2f} | "
-            f"{r['cpu_seconds_per_epoch']:.2f} |"
-        )
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------- main
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 0,1,2; received {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct comma-separated integers such as 0,1,2; received {text!r}")
+    return seeds
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--framework", choices=FRAMEWORKS, default=None,
+                   help="keras-rs (Keras 3; the default when keras_rs imports) or tfrs "
+                        "(tensorflow-recommenders on tf.keras 2)")
     p.add_argument("--data", default=DEFAULT_DATA,
                    help="tfds:NAME, a MovieLens folder (ml-latest-small: ratings.csv + "
                         "movies.csv; ml-100k: u.data + u.item), or 'synthetic'")
@@ -519,11 +285,16 @@ def parse_args(argv=None):
                    default=False, help="do not count a batch's copies of the positive as negatives")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=_seeds, default=None,
+                   help="comma-separated seeds (e.g. 0,1,2): pretraining and every strategy "
+                        "once per seed; tables give mean ± spread (max - min). Default: --seed")
     p.add_argument("--examples", type=int, default=3, help="users to show recommendations for")
     p.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR)
     p.add_argument("--verbose", type=int, default=1,
                    help="0 silent, 1 progress bars and a summary, 2 also the per-layer report")
     args = p.parse_args(argv)
+    if args.framework is None:
+        args.framework = default_framework()
     args.query_features = [f for f in args.query_features.split(",") if f]
     unknown = set(args.query_features) - {"timestamp"}
     if unknown:
@@ -536,13 +307,33 @@ def parse_args(argv=None):
     bad = [n for n in args.strategies if n not in STRATEGIES]
     if bad:
         p.error(f"unknown strategy {bad[0]!r}; expected one of: {', '.join(STRATEGIES)}")
+    for name in ("epochs", "adapt_epochs", "batch_size", "lora_rank", "id_dim",
+                 "embedding_dim", "text_dim"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1; received "
+                    f"{getattr(args, name)}")
+    if args.seeds is None:
+        args.seeds = [args.seed]
     return args
 
 
 def main(argv=None) -> dict:
-    """Runs the recipe; returns `{"settings", "data", "runs", "recommendations"}`."""
+    """Runs the recipe; returns `{"settings", "data", "runs", "summary", "recommendations"}`."""
     args = parse_args(argv)
-    _tfrs()  # fail early, with what to do, if tf.keras is not Keras 2
+    fw = framework_module(args.framework)  # fails early, with what to do
+    import numpy as np
+    from _movielens import MovieLensError, load_ratings, split, synthetic
+    from _two_tower_common import (
+        build_vocabulary,
+        comparison_table,
+        make_dataset,
+        make_eval_set,
+        steady,
+        summarize,
+    )
+
+    from keras_peft.io import atomic_write_json, atomic_write_text
+
     try:
         data = synthetic() if args.data == "synthetic" else load_ratings(
             args.data, data_dir=args.tfds_data_dir)
@@ -550,65 +341,79 @@ def main(argv=None) -> dict:
     except MovieLensError as e:
         raise SystemExit(f"error: {e}") from None
     vocab = build_vocabulary(data, parts, args.max_title_words)
-    ev = make_eval_set(data, parts, 4096)
+    ev = make_eval_set(data, parts)
     info = {
         "source": data.source,
+        "framework": args.framework,
+        "versions": fw.versions(),
         "ratings": len(data),
         "users": len(np.unique(data.user)),
         "movies": len(data.movie_ids),
         "split": parts.description,
         **parts.sizes(),
         "vocabulary_users": len(vocab.users),
+        "new_users": int(len(vocab.users) - len(vocab.pretrain_users & set(vocab.users))),
+        "new_movies": int(len(vocab.movie_ids) - len(vocab.pretrain_movies)),
         "evaluation_users": len(ev.users),
         "evaluation_users_new": int(ev.new_user.sum()),
         "random_top_100": 100 / len(data.movie_ids),
     }
     if args.verbose:
-        print(f"Data: {data.source}: {len(data):,} ratings, {info['users']} users, "
+        print(f"Framework: {args.framework} ({info['versions']}).\n"
+              f"Data: {data.source}: {len(data):,} ratings, {info['users']} users, "
               f"{info['movies']} movies.\n{parts.description}: {info['pretrain']:,} pretrain, "
               f"{info['adapt']:,} adapt, {info['evaluate']:,} evaluation ratings from "
               f"{info['evaluation_users']} users ({info['evaluation_users_new']} new since "
               f"pretraining). A random ranking has top-100 accuracy "
               f"{info['random_top_100']:.4f}.", flush=True)
 
-    # Pretraining on the earlier period, once; every strategy starts from it.
-    if args.verbose:
-        print("\n=== pretraining ===", flush=True)
-    model = build_model(vocab, args, args.seed)
-    timer = train(model, make_dataset(data, parts.pretrain, args.batch_size, args.seed),
-                  args.epochs, args.learning_rate, args.verbose)
-    pretrained = model.get_weights()
-    pretrain_per_epoch = (steady(timer.seconds), steady(timer.cpu_seconds))
-
-    runs, models = [], {}
-    for name in args.strategies:
-        out = run_strategy(name, args, data, parts, vocab, pretrained, ev, pretrain_per_epoch)
-        runs.append(out["result"])
-        models[name] = out["model"]
+    runs, last = [], None
+    for seed in args.seeds:
+        # Pretraining on the earlier period, once per seed; every strategy starts from it.
+        if args.verbose:
+            print(f"\n=== pretraining (seed {seed}) ===", flush=True)
+        model = fw.build_model(vocab, args, seed)
+        timer = fw.train(model, make_dataset(data, parts.pretrain, args.batch_size, seed),
+                         args.epochs, args.learning_rate, args.verbose)
+        pretrained = model.get_weights()
+        pretrain_per_epoch = (steady(timer.seconds), steady(timer.cpu_seconds))
+        for name in args.strategies:
+            out = run_strategy(name, args, fw, data, parts, vocab, pretrained, ev,
+                               pretrain_per_epoch, seed)
+            runs.append(out["result"])
+            last = out["model"]
 
     shown = args.strategies[-1]
-    recs = recommend(models[shown], vocab, data, parts, ev, users=args.examples)
+    recs = fw.recommend(last, vocab, data, parts, ev, users=args.examples)
     if args.verbose:
-        print(f"\nExample recommendations from {shown}:")
+        print(f"\nExample recommendations from {shown} (seed {args.seeds[-1]}):")
         print_recommendations(recs)
 
+    summary = summarize(runs)
     settings = {k: v for k, v in vars(args).items()}
-    result = {"settings": settings, "data": info, "runs": runs,
+    result = {"settings": settings, "data": info, "runs": runs, "summary": summary,
               "recommendations": {"strategy": shown, "users": recs}}
     os.makedirs(args.output_dir, exist_ok=True)
-    table = comparison_table(runs)
+    table = comparison_table(summary)
+    seeds = ", ".join(map(str, args.seeds))
     if args.compare:
         atomic_write_json(os.path.join(args.output_dir, "comparison.json"), result)
         atomic_write_text(os.path.join(args.output_dir, "comparison.md"),
-                          f"{info['source']}, {parts.description}\n\n{table}\n")
+                          f"{info['source']}, {parts.description}; framework "
+                          f"{args.framework}; seeds {seeds}\n\n{table}\n")
     else:
         atomic_write_json(os.path.join(args.output_dir, "results.json"), result)
     if args.verbose:
-        print(f"\n{table}\n\nResults in {args.output_dir}{os.sep}"
-              f"{'comparison.json' if args.compare else 'results.json'}", flush=True)
+        print(f"\n{args.framework}, seeds {seeds}\n{table}\n\nResults in {args.output_dir}"
+              f"{os.sep}{'comparison.json' if args.compare else 'results.json'}", flush=True)
     result["table"] = table
     return result
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RuntimeError as e:
+        if "keras-rs is not installed" in str(e) or "needs `tf.keras` to be Keras 2" in str(e):
+            raise SystemExit(f"error: {e}") from None
+        raise
