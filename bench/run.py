@@ -70,6 +70,10 @@ MODELS = {
     "cnn": {"family": "cnn", "batch": 8, "size": 128, "width": 32, "layers": 6,
             "reps": 8, "steps": 3, "warmup": 2},
     "two_tower": {"family": "two_tower", "batch": 256, "reps": 8, "steps": 5, "warmup": 2},
+    # The same recipe model on keras-rs (Keras 3, no TF_USE_LEGACY_KERAS): opt-in,
+    # `--models two_tower_keras_rs` (or `two_tower,two_tower_keras_rs` side by side).
+    "two_tower_keras_rs": {"family": "two_tower", "framework": "keras-rs", "batch": 256,
+                           "reps": 8, "steps": 5, "warmup": 2},
 }
 QUICK_MODELS = {
     "minilm": {"family": "bert", "batch": 8, "seq": 16, "layers": 6, "checkpoint": False,
@@ -78,6 +82,8 @@ QUICK_MODELS = {
             "reps": 2, "steps": 2, "warmup": 1},
     "two_tower": {"family": "two_tower", "batch": 64, "reps": 2, "steps": 2, "warmup": 1,
                   "synthetic": True},
+    "two_tower_keras_rs": {"family": "two_tower", "framework": "keras-rs", "batch": 64,
+                           "reps": 2, "steps": 2, "warmup": 1, "synthetic": True},
 }
 CONFIGS = {
     "plain": "plain Keras, full fine-tuning (baseline)",
@@ -91,11 +97,13 @@ CONFIGS = {
     "query_tower": "keras-peft: query tower only",
     "user_embeddings": "keras-peft: user-id embeddings only",
     "lora_embeddings": "keras-peft lora(4) on the id embeddings",
+    "new_id_embeddings": "keras-peft: new ids' embedding rows only (row mask)",
 }
 FAMILY_CONFIGS = {
     "bert": ["plain", "wrap_all", "head_only", "top_layers_2", "bitfit", "lora4", "hub_lora4"],
     "cnn": ["plain", "wrap_all", "head_only", "top_layers_2", "bitfit", "lora4"],
-    "two_tower": ["plain", "wrap_all", "query_tower", "user_embeddings", "lora_embeddings"],
+    "two_tower": ["plain", "wrap_all", "query_tower", "user_embeddings", "lora_embeddings",
+                  "new_id_embeddings"],
 }
 
 
@@ -136,7 +144,7 @@ def worker(spec: dict) -> None:
     """Builds its configurations, then answers `RUN config n` with step times until `STOP`."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    if spec["size"]["family"] == "two_tower":
+    if _keras2(spec["size"]):
         # tensorflow-recommenders needs Keras 2 as tf.keras; set before TensorFlow loads.
         os.environ["TF_USE_LEGACY_KERAS"] = "1"
     sys.path.insert(0, ROOT)
@@ -155,7 +163,9 @@ def worker(spec: dict) -> None:
     if precision == "auto":
         precision = "mixed_float16" if gpus else "float32"
     if spec["size"]["family"] == "two_tower":
-        precision = "float32"  # a tf.keras (Keras 2) model: Keras 3's policy does not reach it
+        # TFRS: a tf.keras (Keras 2) model, which Keras 3's policy does not reach; the
+        # keras-rs model stays float32 too, so that the two compare.
+        precision = "float32"
     # auto: XLA on, except in the CPU smoke run (it checks that the suite runs, and XLA
     # compilation would be most of its time).
     jit = {"on": True, "off": False}.get(spec["jit"], bool(gpus) or not spec["quick"])
@@ -196,9 +206,9 @@ def _setup(config, spec, jit, np, tf, keras, keras_peft):
     """Builds, configures, compiles and warms up one configuration's model."""
     keras.utils.set_random_seed(spec["seed"])
     size = spec["size"]
-    keras2 = size["family"] == "two_tower"
-    if keras2:
-        model, dataset = _two_tower(config, spec, size, np, tf, keras_peft)
+    keras2 = _keras2(size)
+    if size["family"] == "two_tower":
+        model, dataset = _two_tower(config, spec, size, np, tf, keras, keras_peft)
     else:
         if size["family"] == "bert":
             model, dataset = _bert(spec, size, np, tf, keras)
@@ -359,23 +369,34 @@ def _isbi(n: int, size: int, seed: int, np, tf):
     return np.stack(images), np.stack(masks)
 
 
-def _two_tower(config, spec, size, np, tf, keras_peft):
-    """The two-tower recipe's TFRS model (tf.keras), one of its strategies, Adagrad."""
+def _keras2(size: dict) -> bool:
+    """The TFRS two-tower model is tf.keras (Keras 2); keras-rs' and the others, Keras 3."""
+    return size["family"] == "two_tower" and size.get("framework", "tfrs") == "tfrs"
+
+
+def _two_tower(config, spec, size, np, tf, keras, keras_peft):
+    """The two-tower recipe's model (TFRS on tf.keras, or keras-rs on Keras 3), one of its
+    strategies, Adagrad."""
     sys.path.insert(0, os.path.join(ROOT, "recipes"))
     import two_tower_recommender as recipe
     from _movielens import load_ratings, split, synthetic
 
-    args = recipe.parse_args(["--data", MOVIELENS])
+    framework = size.get("framework", "tfrs")
+    args = recipe.parse_args(["--data", MOVIELENS, "--framework", framework])
     use_synthetic = size.get("synthetic") or not os.path.isdir(MOVIELENS)
     data = synthetic() if use_synthetic else load_ratings(MOVIELENS)
     parts = split(data, "time", args.cutoff, args.adapt_fraction, spec["seed"])
     vocab = recipe.build_vocabulary(data, parts, args.max_title_words)
     model = recipe.build_model(vocab, args, spec["seed"])
+    if config == "new_id_embeddings":
+        rows = recipe.new_id_rows(vocab)
+        model.set_row_masks(rows["user"], rows["movie"])
     if config != "plain":
         rules = keras_peft.full(model) if config == "wrap_all" else recipe.strategy_rules(
             config, model, args)
         keras_peft.wrap(model, rules)
-    model.compile(optimizer=tf.keras.optimizers.Adagrad(args.adapt_learning_rate))
+    optimizers = tf.keras.optimizers if framework == "tfrs" else keras.optimizers
+    model.compile(optimizer=optimizers.Adagrad(args.adapt_learning_rate))
     n = size["batch"] * 8
     indices = parts.adapt[:n] if len(parts.adapt) >= n else np.resize(parts.adapt, n)
     dataset = tf.data.Dataset.from_tensor_slices(recipe.features(data, indices))
@@ -715,7 +736,9 @@ def markdown(results: dict) -> str:
             what = (f"CNN segmenter ({size['layers']} Conv-BN-ReLU blocks of width "
                     f"{size['width']}), {size['size']}x{size['size']} crops, batch {size['batch']}")
         else:
-            what = (f"two-tower recommender (recipes/two_tower_recommender.py, TFRS on tf.keras, "
+            library = ("keras-rs on Keras 3" if size.get("framework") == "keras-rs"
+                       else "TFRS on tf.keras")
+            what = (f"two-tower recommender (recipes/two_tower_recommender.py, {library}, "
                     f"{'synthetic ratings' if size.get('synthetic') else 'MovieLens'}), "
                     f"batch {size['batch']}, Adagrad, no XLA")
         lines += [
@@ -851,7 +874,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="tiny random models, 2 repetitions (CI smoke, < 60 s)")
     p.add_argument("--models", default="minilm,cnn,two_tower",
-                   help="comma-separated: minilm,cnn,two_tower")
+                   help="comma-separated: minilm,cnn,two_tower,two_tower_keras_rs (the "
+                        "last, keras-rs, is opt-in)")
     p.add_argument("--configs", default=",".join(CONFIGS),
                    help=f"comma-separated subset of {','.join(CONFIGS)} (plain always runs)")
     p.add_argument("--reps", type=int, help="interleaved repetitions (default per model)")
