@@ -6,9 +6,16 @@ models: no `TF_USE_LEGACY_KERAS`, and `keras_peft.wrap` works on them
 directly. The retrieval task TFRS provides is written out in
 `TwoTowerModel.compute_loss`, as keras-rs' examples do: in-batch softmax
 over `query @ candidates.T`, with keras-rs' `SamplingProbabilityCorrection`
-(logQ) and `RemoveAccidentalHits`, summed over the batch as
-`tfrs.tasks.Retrieval` does (so the same learning rate means the same
-step). Recommendations come from `keras_rs.layers.BruteForceRetrieval`.
+(logQ), summed over the batch as `tfrs.tasks.Retrieval` does (so the same
+learning rate means the same step). Recommendations come from
+`keras_rs.layers.BruteForceRetrieval`.
+
+Accidental hits (`--remove-accidental-hits`) are removed here, as TFRS does
+(a logit plus float32's lowest / 100), not with keras-rs 0.4.0's
+`RemoveAccidentalHits`: that layer adds float32's *smallest normal* / 100
+(about 1e-40) to the duplicates' logits, which leaves float32 logits
+unchanged, so it removes nothing (checked: logits [1, 2, 3] with the first
+two candidates sharing an id come back [1, 2, 3]).
 
 The lookups (`StringLookup`, `TextVectorization`) take strings, so this runs
 on Keras' TensorFlow backend (the data pipeline is tf.data).
@@ -32,6 +39,7 @@ from _two_tower_common import (
 from keras import ops
 
 NAME = "keras-rs"
+MIN_FLOAT = float(np.finfo(np.float32).min) / 100.0  # TFRS' value for removed logits
 INSTALL = ('keras-rs is not installed. It needs Python >= 3.11: pip install "keras-rs==0.4.0" '
            "(or run with --framework tfrs).")
 
@@ -135,7 +143,6 @@ class TwoTowerModel(keras.Model):
         self.candidate_model = CandidateTower(vocab, args.embedding_dim, args.id_dim,
                                               args.text_dim)
         self.logq_correction = keras_rs.layers.SamplingProbabilityCorrection()
-        self.hits = keras_rs.layers.RemoveAccidentalHits()
         # Summed over the batch, as tfrs.tasks.Retrieval's default loss.
         self.retrieval_loss = keras.losses.CategoricalCrossentropy(
             from_logits=True, reduction="sum")
@@ -167,8 +174,10 @@ class TwoTowerModel(keras.Model):
                                            ops.shape(scores))
             scores = self.logq_correction(scores, probability)
         if self.remove_accidental_hits:
+            # Another row of the batch with the same movie is not a negative.
             ids = self.candidate_model.movie_lookup(x["movie_id"])
-            scores = self.hits(scores, labels, ids)
+            same = ops.cast(ops.equal(ids[:, None], ids[None, :]), scores.dtype)
+            scores = scores + (same - labels) * MIN_FLOAT
         loss = self.retrieval_loss(labels, scores)
         if self.losses:
             loss = loss + ops.sum(self.losses)

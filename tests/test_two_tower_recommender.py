@@ -245,10 +245,13 @@ def test_frozen_candidate_tower_stays_bit_identical(framework):
                      "query/projection/bias"}
 
 
-def test_both_frameworks_build_the_same_model_and_loss():
+@pytest.mark.parametrize("hits", ["--no-remove-accidental-hits", "--remove-accidental-hits"])
+def test_both_frameworks_build_the_same_model_and_loss(hits):
     """Same variable paths and shapes; with the TFRS model's weights copied into the
-    keras-rs model, the same embeddings and the same retrieval loss (logQ, summed)."""
-    args = recipe.parse_args(FAST + ["--framework", "tfrs", "--query-features", "timestamp"])
+    keras-rs model, the same embeddings and the same retrieval loss (logQ, summed; with
+    accidental hits removed or not: a batch of 64 ratings of 40 movies has duplicates)."""
+    args = recipe.parse_args(FAST + ["--framework", "tfrs", "--query-features", "timestamp",
+                                     hits])
     data, parts, vocab = small_vocab(args)
     tfrs_model = recipe.build_model(vocab, args, seed=0)
     args.framework = "keras-rs"
@@ -272,6 +275,13 @@ def test_both_frameworks_build_the_same_model_and_loss():
     krs_loss = float(krs_model.compute_loss(x=batch, y_pred=krs_model(batch)))
     assert krs_loss == pytest.approx(tfrs_loss, rel=1e-5)
     assert tfrs_loss > 0
+    if hits == "--remove-accidental-hits":  # and removing them changes the loss
+        args.remove_accidental_hits = False
+        plain = recipe.build_model(vocab, args, seed=1)
+        for path, variable in zip(keras_peft.variable_paths(plain), plain.weights):
+            variable.assign(values[path])
+        plain_loss = float(plain.compute_loss(x=batch, y_pred=plain(batch)))
+        assert abs(plain_loss - krs_loss) > 1e-3 * abs(krs_loss)
 
 
 def with_new_ids(data, new_users=("0", "1", "2"), new_items=("0", "1", "2"),
