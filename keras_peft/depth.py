@@ -258,9 +258,13 @@ def _split(model, block_names, require_blocks: bool) -> Blocks:
     outside: list[str] = []
     if backbone is not None:
         inside = {id(v) for v in backbone.weights}
-        first = next(i for i, v in enumerate(weights) if id(v) in inside)
-        outside = [path_of[id(v)] for v in weights[:first] if id(v) not in inside]
-        head = [path_of[id(v)] for v in weights[first:] if id(v) not in inside]
+        before: set[int] = set()  # layers ahead of a nested backbone are the stem
+        if backbone is not getattr(model, "backbone", None):
+            layers = _compat.direct_sublayers(model)
+            ahead = layers[:next(i for i, layer in enumerate(layers) if layer is backbone)]
+            before = {id(v) for layer in ahead for v in layer.weights} - inside
+        outside = [path_of[id(v)] for v in weights if id(v) in before]
+        head = [path_of[id(v)] for v in weights if id(v) not in inside and id(v) not in before]
     body = [p for p in paths if p not in set(head) | set(outside)]
 
     if block_names is not None:
