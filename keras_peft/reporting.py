@@ -70,6 +70,27 @@ def _fit_widths(widths: list[int], header, width: int) -> None:
         widths[i] = max(floor, widths[i] - excess)
 
 
+def _shorten_path(path: str, width: int) -> str:
+    """A layer path cut to `width`, keeping its first segment (the block) and its end.
+
+    `transformer_layer_0/self_attention_layer/query` -> `transformer_layer_0/…/query`.
+    """
+    if len(path) <= width:
+        return path
+    segments = path.split("/")
+    head = segments[0] + "/…"
+    if len(segments) < 2 or len(head) + 2 > width:
+        return _shorten(path, width)
+    tail = ""
+    for segment in reversed(segments[1:]):
+        if len(head) + len(tail) + 1 + len(segment) > width:
+            break
+        tail = "/" + segment + tail
+    if not tail:  # not even the last segment fits whole: its end
+        tail = segments[-1][len(head) - width:]
+    return head + tail
+
+
 def _shorten(text: str, width: int) -> str:
     """`text` cut to `width` characters in the middle (`a…z`), or as it is if it fits."""
     if len(text) <= width:
@@ -130,7 +151,8 @@ class Report:
         widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h)
                   for i, h in enumerate(header)]
         _fit_widths(widths, header, width)
-        body = [[_shorten(c, w) for c, w in zip(row, widths)] for row in body]
+        body = [[_shorten_path(c, w) if i == 0 else _shorten(c, w)
+                 for i, (c, w) in enumerate(zip(row, widths))] for row in body]
         right = {1, 2, 3, 4}
 
         def line(cells):

@@ -70,3 +70,14 @@ def test_a_long_rule_pattern_is_shortened_in_the_text_only():
     assert "…" in lines[3]  # the shortened pattern, in the middle
     assert max(len(r["rule"]) for r in rep.to_list()) > 2000  # kept whole
     assert rep.to_text(width=200).splitlines()[3] != lines[3]
+
+
+def test_long_layer_paths_keep_their_block_and_their_end():
+    from tests.helpers import tiny_bert_classifier
+
+    model = tiny_bert_classifier(num_layers=2)
+    text = str(keras_peft.report(model, keras_peft.layerwise_lr_decay(model, 0.8)))
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "transformer_layer_1/…/query " in text  # not 'transformer_layer_…ntion_layer/query'
+    assert "transformer_layer_0/self_attention_layer/query" in str(
+        keras_peft.report(model).to_text(width=200))
