@@ -295,6 +295,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.framework is None:
         args.framework = default_framework()
+        if args.framework == "tfrs" and args.verbose:
+            print("keras-rs is not installed (it needs Python >= 3.11; pip install "
+                  "\"keras-rs==0.4.0\"): running on tensorflow-recommenders (--framework tfrs).",
+                  flush=True)
     args.query_features = [f for f in args.query_features.split(",") if f]
     unknown = set(args.query_features) - {"timestamp"}
     if unknown:
