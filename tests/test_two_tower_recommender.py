@@ -224,6 +224,25 @@ def test_shared_top_k_matches_tfrs_factorized_top_k(compared):
                 assert run[f"top_{k}"] == pytest.approx(run[f"factorized_top_{k}"], abs=1e-6)
 
 
+@pytest.mark.parametrize("strategy, stale", [("full_finetune", False), ("lora_embeddings", True)])
+def test_tfrs_factorized_top_k_scores_movies_without_their_lora_update(strategy, stale):
+    """Why the recipe computes top-K itself: TFRS' FactorizedTopK candidates are a tf.data
+    map traced when the model is built, so variables changed in place reach it, a LoRA
+    update added later does not (the docs' Metrics section)."""
+    import _two_tower_tfrs
+
+    args = recipe.parse_args(FAST + ["--framework", "tfrs"])
+    data, parts, vocab = small_vocab(args)
+    model = recipe.build_model(vocab, args, seed=0)
+    keras_peft.wrap(model, recipe.strategy_rules(strategy, model, args))
+    rng = np.random.default_rng(0)
+    for v in model.trainable_weights:  # a large update of whatever trains
+        v.assign(rng.normal(size=v.shape).astype("float32"))
+    out = _two_tower_tfrs.evaluate(model, vocab, recipe.make_eval_set(data, parts), 0)
+    gaps = [abs(out[f"top_{k}"] - out[f"factorized_top_{k}"]) for k in recipe.KS]
+    assert (max(gaps) > 0.01) if stale else (max(gaps) < 1e-6), out
+
+
 def small_vocab(args, num_users=30, num_items=40, num_ratings=600):
     data = ml.synthetic(num_users=num_users, num_items=num_items, num_ratings=num_ratings)
     parts = ml.split(data)
