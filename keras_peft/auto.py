@@ -294,6 +294,69 @@ def _norm(variable) -> float:
     return float(np.linalg.norm(np.asarray(variable.numpy(), dtype=np.float64)))
 
 
+def _mean_grad_norms(measure, variables, batches, num_batches, verbose):
+    """`(mean gradient norm per variable, number of batches)` over `batches`."""
+    sums = np.zeros(len(variables))
+    count = 0
+    for x, y, sample_weight in batches:
+        loss_value, norms = measure(x, y, sample_weight)
+        loss_value, norms = float(loss_value), norms.numpy().astype(np.float64)
+        if not math.isfinite(loss_value) or not np.isfinite(norms).all():
+            bad = [v.path for v, n in zip(variables, norms) if not np.isfinite(n)]
+            raise ValueError(
+                f"keras_peft.auto: batch {count + 1} gave a non-finite loss ({loss_value}) or "
+                f"gradient (e.g. {bad[:3]}). Check the data and the loss."
+            )
+        sums += norms
+        count += 1
+        if verbose == 1:
+            print(f"auto: batch {count}/{num_batches} - loss: {loss_value:.4g}")
+    if count == 0:
+        raise ValueError(
+            "keras_peft.auto: `data` gave no batches; it needs at least one to measure "
+            "gradients."
+        )
+    return sums / count, count
+
+
+def _lr_scales(variables, rgns, head, min_lr_scale):
+    """`scale_of(variable, rgn)`: the head at 1, the body at rgn / max body rgn (floored)."""
+    body_max = max((r for v, r in zip(variables, rgns) if v.path not in head), default=0.0)
+
+    def scale_of(v, r):
+        if v.path in head:
+            return 1.0
+        if body_max <= 0:
+            return float(min_lr_scale)
+        return max(float(min_lr_scale), r / body_max)
+
+    return scale_of
+
+
+def _select(variables, rgns, head, budget) -> set[str]:
+    """The paths that train: all, or within `budget` the head then the highest rgn first."""
+    if budget is None:
+        return {v.path for v in variables}
+    head_params = sum(math.prod(v.shape) for v in variables if v.path in head)
+    if head_params > budget:
+        raise ValueError(
+            f"`budget` ({budget:,} parameters) is smaller than the head, which always "
+            f"trains ({head_params:,} parameters: {sorted(head)[:4]}). Give a larger budget."
+        )
+    left = budget - head_params
+    selected = {v.path for v in variables if v.path in head}
+    body = sorted(
+        (i for i, v in enumerate(variables) if v.path not in head),
+        key=lambda i: -rgns[i],  # stable: ties keep the model's order
+    )
+    for i in body:
+        size = math.prod(variables[i].shape)
+        if rgns[i] > 0 and size <= left:
+            selected.add(variables[i].path)
+            left -= size
+    return selected
+
+
 def auto(
     model,
     data,
@@ -409,61 +472,13 @@ def auto(
     variables = [
         v for v in weights if id(v) in capable and tf.as_dtype(v.dtype).is_floating
     ]
-    measure = _measure_fn(model, variables, loss_fn)
-
-    sums = np.zeros(len(variables))
-    count = 0
-    for x, y, sample_weight in _batches(model, data, num_batches, batch_size):
-        loss_value, norms = measure(x, y, sample_weight)
-        loss_value, norms = float(loss_value), norms.numpy().astype(np.float64)
-        if not math.isfinite(loss_value) or not np.isfinite(norms).all():
-            bad = [v.path for v, n in zip(variables, norms) if not np.isfinite(n)]
-            raise ValueError(
-                f"keras_peft.auto: batch {count + 1} gave a non-finite loss ({loss_value}) or "
-                f"gradient (e.g. {bad[:3]}). Check the data and the loss."
-            )
-        sums += norms
-        count += 1
-        if verbose == 1:
-            print(f"auto: batch {count}/{num_batches} - loss: {loss_value:.4g}")
-    if count == 0:
-        raise ValueError(
-            "keras_peft.auto: `data` gave no batches; it needs at least one to measure "
-            "gradients."
-        )
-
-    grad_norms = sums / count
+    grad_norms, count = _mean_grad_norms(
+        _measure_fn(model, variables, loss_fn), variables,
+        _batches(model, data, num_batches, batch_size), num_batches, verbose)
     weight_norms = [_norm(v) for v in variables]
     rgns = [g / max(w, EPSILON) for g, w in zip(grad_norms, weight_norms)]
-    body_max = max((r for v, r in zip(variables, rgns) if v.path not in head), default=0.0)
-
-    def scale_of(v, r):
-        if v.path in head:
-            return 1.0
-        if body_max <= 0:
-            return float(min_lr_scale)
-        return max(float(min_lr_scale), r / body_max)
-
-    selected = {v.path for v in variables}
-    if budget is not None:
-        head_params = sum(math.prod(v.shape) for v in variables if v.path in head)
-        if head_params > budget:
-            raise ValueError(
-                f"`budget` ({budget:,} parameters) is smaller than the head, which always "
-                f"trains ({head_params:,} parameters: {sorted(head)[:4]}). Give a larger budget."
-            )
-        left = budget - head_params
-        selected = {v.path for v in variables if v.path in head}
-        body = sorted(
-            (i for i, v in enumerate(variables) if v.path not in head),
-            key=lambda i: -rgns[i],  # stable: ties keep the model's order
-        )
-        for i in body:
-            size = math.prod(variables[i].shape)
-            if rgns[i] > 0 and size <= left:
-                selected.add(variables[i].path)
-                left -= size
-
+    selected = _select(variables, rgns, head, budget)
+    scale_of = _lr_scales(variables, rgns, head, min_lr_scale)
     rules: dict = {}
     stats: list = []
     for v, g, w, r in zip(variables, grad_norms, weight_norms, rgns):
@@ -473,23 +488,14 @@ def auto(
             note += " (head)"
         elif not trainable:
             note += " (not selected)"
-        if trainable:
-            lr_scale = scale_of(v, r)
-            rules[re.escape(v.path)] = Rule(lr_scale=lr_scale, note=note)
-        else:
-            lr_scale = None
-            rules[re.escape(v.path)] = Rule(trainable=False, note=note)
-        stats.append(
-            {
-                "path": v.path,
-                "params": math.prod(v.shape),
-                "grad_norm": float(g),
-                "weight_norm": float(w),
-                "rgn": float(r),
-                "lr_scale": lr_scale,
-                "trainable": trainable,
-            }
-        )
+        lr_scale = scale_of(v, r) if trainable else None
+        rules[re.escape(v.path)] = (Rule(lr_scale=lr_scale, note=note) if trainable
+                                    else Rule(trainable=False, note=note))
+        stats.append({
+            "path": v.path, "params": math.prod(v.shape), "grad_norm": float(g),
+            "weight_norm": float(w), "rgn": float(r), "lr_scale": lr_scale,
+            "trainable": trainable,
+        })
     result = AutoResult(
         rules=rules, stats=stats, num_batches=count, budget=budget, total_params=total
     )

@@ -197,68 +197,73 @@ def report(model: keras.Model, rules: Mapping[str, Rule] | None = None) -> Repor
     weights = model.weights
     path_of = dict(zip((id(v) for v in weights), variable_paths(model)))
     held = frozen_by_layer(model)
-    trainable_ids = {id(v) for v in model.trainable_weights}
-    refused: set[int] = set()  # dry run: rules that wrap would refuse (FrozenLayerError)
-    if rules is None:
-        plan = getattr(model, "_peft_plan", None)
-        decisions = plan.by_path() if plan is not None else {}
-        is_trainable = lambda v, d: id(v) in trainable_ids  # noqa: E731
-    else:
-        from keras_peft import _compat, tf_keras
-
-        plan = resolve([path_of[id(v)] for v in weights], rules)
-        decisions = plan.by_path()
-        if tf_keras.is_tf_keras_model(model):
-            capable = tf_keras.trainable_capable(model)
-        else:
-            capable = _compat.trainable_capable(model)
-
-        def is_trainable(v, d):
-            if d is not None and d.rule is not None and id(v) in capable:
-                if d.rule.trainable and id(v) in held:
-                    refused.add(id(v))
-                    return False
-                return d.rule.trainable
-            return id(v) in trainable_ids
-
+    decisions, trained, refused = _decide(model, rules, path_of, held)
     groups: dict[str, list] = {}
     for v in weights:
         path = path_of[id(v)]
-        layer = path.rsplit("/", 1)[0] if "/" in path else path
-        groups.setdefault(layer, []).append(v)
+        groups.setdefault(path.rsplit("/", 1)[0] if "/" in path else path, []).append(v)
+    rows = tuple(
+        _row(layer, variables, [decisions.get(path_of[id(v)]) for v in variables],
+             trained, refused, held)
+        for layer, variables in groups.items()
+    )
+    return Report(rows, sum(r.params for r in rows), sum(r.trainable_params for r in rows))
 
-    rows = []
-    total = trainable_total = 0
-    for layer, variables in groups.items():
-        n = t = 0
-        lr, gs, pats, notes, frozen = [], [], [], [], []
-        for v in variables:
-            d = decisions.get(path_of[id(v)])
-            size = math.prod(v.shape)
-            n += size
-            pats.append(d.pattern if d is not None and d.pattern is not None else "-")
-            if d is not None and d.rule is not None and d.rule.note:
-                notes.append(d.rule.note)
-            if id(v) in held:
-                frozen.append(held[id(v)])
-            if is_trainable(v, d):
-                t += size
-                lr.append(d.lr_scale if d is not None else 1.0)
-                gs.append(d.grad_scale if d is not None else 1.0)
-        if any(id(v) in refused for v in variables):
-            notes.append("wrap refuses")
-        rows.append(
-            ReportRow(
-                layer=layer,
-                params=n,
-                trainable_params=t,
-                lr_scale=_join(lr) if lr else "-",
-                grad_scale=_join(gs) if gs else "-",
-                rule=_join(pats, sep=" | "),
-                note=_join(notes, sep="; ") if notes else "",
-                frozen_layer=_join(frozen, sep="/") if frozen else "",
-            )
-        )
-        total += n
-        trainable_total += t
-    return Report(tuple(rows), total, trainable_total)
+
+def _decide(model, rules, path_of, held) -> tuple[dict, set[int], set[int]]:
+    """`(decisions by path, ids that train, ids whose rule wrap would refuse)`.
+
+    Without `rules`, what the model does now; with them, what `wrap` would
+    do (a rule that trains a variable of a frozen layer is refused there).
+    """
+    from keras_peft.model import _trainable_capable
+
+    trainable = {id(v) for v in model.trainable_weights}
+    if rules is None:
+        plan = getattr(model, "_peft_plan", None)
+        return (plan.by_path() if plan is not None else {}), trainable, set()
+    decisions = resolve([path_of[id(v)] for v in model.weights], rules).by_path()
+    capable = _trainable_capable(model)
+    trained, refused = set(), set()
+    for v in model.weights:
+        d = decisions.get(path_of[id(v)])
+        if d is None or d.rule is None or id(v) not in capable:
+            trains = id(v) in trainable
+        elif d.rule.trainable and id(v) in held:
+            trains = False
+            refused.add(id(v))
+        else:
+            trains = d.rule.trainable
+        if trains:
+            trained.add(id(v))
+    return decisions, trained, refused
+
+
+def _row(layer, variables, decisions, trained, refused, held) -> ReportRow:
+    """One layer's row from its variables and their decisions."""
+    n = t = 0
+    lr, gs, pats, notes, frozen = [], [], [], [], []
+    for v, d in zip(variables, decisions):
+        size = math.prod(v.shape)
+        n += size
+        pats.append(d.pattern if d is not None and d.pattern is not None else "-")
+        if d is not None and d.rule is not None and d.rule.note:
+            notes.append(d.rule.note)
+        if id(v) in held:
+            frozen.append(held[id(v)])
+        if id(v) in trained:
+            t += size
+            lr.append(d.lr_scale if d is not None else 1.0)
+            gs.append(d.grad_scale if d is not None else 1.0)
+    if any(id(v) in refused for v in variables):
+        notes.append("wrap refuses")
+    return ReportRow(
+        layer=layer,
+        params=n,
+        trainable_params=t,
+        lr_scale=_join(lr) if lr else "-",
+        grad_scale=_join(gs) if gs else "-",
+        rule=_join(pats, sep=" | "),
+        note=_join(notes, sep="; ") if notes else "",
+        frozen_layer=_join(frozen, sep="/") if frozen else "",
+    )
