@@ -241,6 +241,13 @@ def _read(path: str) -> tuple[dict, dict]:
             f"{_METADATA_KEY!r} metadata; keys: {sorted(metadata)[:_SHOWN]}). Write "
             "deltas with keras_peft.save_delta."
         )
+    header = _read_header(metadata, tensors, what)
+    _check_contents(header, tensors, what)
+    return header, tensors
+
+
+def _read_header(metadata: dict, tensors: dict, what: str) -> dict:
+    """The keras_peft header of a delta file, checked against its own checksum and format."""
     text, digest = metadata[_METADATA_KEY], metadata.get(_METADATA_DIGEST_KEY)
     if digest is not None and _text_digest(text) != digest:
         raise DeltaFileError(
@@ -273,6 +280,12 @@ def _read(path: str) -> tuple[dict, dict]:
             f"{what}: its metadata lists other variables than it holds "
             f"(e.g. {sorted(set(declared) ^ set(tensors))[:_SHOWN]}); it is damaged."
         )
+    return header
+
+
+def _check_contents(header: dict, tensors: dict, what: str) -> None:
+    """Raises `DeltaFileError` unless the tensors match the header's shapes, dtypes and sha256."""
+    declared = header["variables"]
     try:
         bad = [
             p
@@ -290,7 +303,6 @@ def _read(path: str) -> tuple[dict, dict]:
             f"{'(e.g. ' + str(bad[:_SHOWN]) + ') ' if bad else ''}; the file is "
             "corrupted. Save it again with keras_peft.save_delta."
         )
-    return header, tensors
 
 
 def _fit_saved_paths(model, header: dict, tensors: dict, record: list):
