@@ -210,10 +210,7 @@ def _rebuild_optimizer(model, variables: list) -> None:
     model.optimizer = rebuilt
 
 
-def restore(model, state: dict, tensors: list) -> None:
-    """Applies a `capture`d state to `model`; checks everything before changing anything."""
-    from keras_peft.model import _apply_policy, fit_rules_to_model
-
+def _check_format(state: dict) -> None:
     if state.get("format") != FORMAT or not isinstance(state.get("version"), int):
         raise CheckpointMismatchError(
             "The keras_peft state in this weights file is damaged (unknown format "
@@ -225,9 +222,9 @@ def restore(model, state: dict, tensors: list) -> None:
             f"{state['version']}; this keras_peft reads up to {FORMAT_VERSION}. Upgrade "
             "keras_peft."
         )
-    mapped = _map_weights(model, state["weights"])
-    rules = fit_rules_to_model(model, state["rules"]) if state["rules"] else None
-    lora = _check_lora(model, state, mapped)
+
+
+def _check_lora_shapes(lora, mapped, tensors) -> None:
     for _, entry in lora:
         for i, t in entry["values"].items():
             if tuple(tensors[t].shape) != tuple(mapped[int(i)].shape):
@@ -235,19 +232,35 @@ def restore(model, state: dict, tensors: list) -> None:
                     f"The saved LoRA value of {mapped[int(i)].path!r} has shape "
                     f"{tensors[t].shape}, the model's {tuple(mapped[int(i)].shape)}."
                 )
+
+
+def _seed_values(model, state, tensors) -> list:
+    """`[(seed state variable, saved value)]`, or [] with a warning when they do not fit."""
     seeds = _seed_entries(model)
-    seed_values = []
     if len(seeds) == len(state["seeds"]) and all(
         tuple(g.state.shape) == tensors[t].shape for (_, g), (_, t) in zip(seeds, state["seeds"])
     ):
-        seed_values = [(g.state, tensors[t]) for (_, g), (_, t) in zip(seeds, state["seeds"])]
-    elif state["seeds"]:
+        return [(g.state, tensors[t]) for (_, g), (_, t) in zip(seeds, state["seeds"])]
+    if state["seeds"]:
         warnings.warn(
             f"The weights file has {len(state['seeds'])} dropout seed states and model "
             f"{model.name!r} has {len(seeds)}: the seeds are not restored, so dropout "
             "will draw other masks than the saved run would have.",
-            stacklevel=2,
+            stacklevel=3,
         )
+    return []
+
+
+def restore(model, state: dict, tensors: list) -> None:
+    """Applies a `capture`d state to `model`; checks everything before changing anything."""
+    from keras_peft.model import _apply_policy, fit_rules_to_model
+
+    _check_format(state)
+    mapped = _map_weights(model, state["weights"])
+    rules = fit_rules_to_model(model, state["rules"]) if state["rules"] else None
+    lora = _check_lora(model, state, mapped)
+    _check_lora_shapes(lora, mapped, tensors)
+    seed_values = _seed_values(model, state, tensors)
     order = state.get("optimizer_order")
     optimizer = getattr(model, "optimizer", None)
 
