@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "recipes"))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from _pretrained import minilm_path  # noqa: E402  (recipes/)
 from _text_classifier import build_classifier, load_preprocessor  # noqa: E402
 from _text_data import load_table  # noqa: E402
 from bert_text_classification import (  # noqa: E402
@@ -43,7 +44,6 @@ from bert_text_classification import (  # noqa: E402
 )
 
 import keras_peft  # noqa: E402
-from keras_peft.pretrained import minilm_path  # noqa: E402
 
 SST2 = os.path.join(HERE, "..", "..", "shared", "data", "sst2", "train.tsv")
 STRATEGIES = "full,lora:8,bitfit,top_layers:2,auto,auto:0.02,head_only,llrd:0.8"

@@ -272,8 +272,7 @@ def main(argv=None):
     if not os.path.exists(SST2):
         raise SystemExit(f"SST-2 file not found: {SST2}")
     import keras_hub
-
-    from keras_peft.pretrained import minilm_path
+    from _pretrained import minilm_path  # recipes/ (on sys.path through strategies_minilm)
 
     preset = minilm_path()
     (train_x, train_y), (eval_x, eval_y) = load_sst2(SST2, args.train, args.eval, args.seed)

@@ -284,9 +284,7 @@ def _bert(spec, size, np, tf, keras):
 
     batch, seq = size["batch"], size["seq"]
     if size["checkpoint"]:
-        from keras_peft.pretrained import minilm_path
-
-        preset = minilm_path(verbose=False)
+        preset = _pretrained().minilm_path(verbose=False)
         model = keras_hub.models.BertTextClassifier.from_preset(
             preset, num_classes=2, preprocessor=None)
         preprocessor = keras_hub.models.BertTextClassifierPreprocessor.from_preset(
@@ -859,11 +857,11 @@ def _keep_other_models(results: dict, args) -> None:
 
 
 def _pretrained():
-    """keras_peft/pretrained.py without importing keras_peft (and TensorFlow) here."""
+    """recipes/_pretrained.py, loaded by path (it imports neither keras_peft nor TensorFlow)."""
     import importlib.util
 
-    path = os.path.join(ROOT, "keras_peft", "pretrained.py")
-    spec = importlib.util.spec_from_file_location("_keras_peft_pretrained", path)
+    path = os.path.join(ROOT, "recipes", "_pretrained.py")
+    spec = importlib.util.spec_from_file_location("_recipes_pretrained", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

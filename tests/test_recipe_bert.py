@@ -373,7 +373,7 @@ def test_unreachable_tfds_download_fails_fast_or_falls_back(monkeypatch, tmp_pat
 def test_minilm_on_sst2_beats_chance(tmp_path):
     if not os.path.exists(SST2):
         pytest.skip(f"SST-2 not found at {SST2}")
-    from keras_peft.pretrained import minilm_path
+    from _pretrained import minilm_path  # recipes/
 
     try:
         minilm_path(verbose=False)
