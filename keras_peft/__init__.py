@@ -28,6 +28,7 @@ from keras_peft.depth import BlockInferenceError, Blocks, model_blocks
 from keras_peft.lora import LoraTargetError, lora, lora_layer_paths, merge, unmerge
 from keras_peft.model import (
     PeftModel,
+    all_layers,
     get_rules,
     is_wrapped,
     unwrap,
@@ -63,6 +64,7 @@ __all__ = [
     # core
     "PeftModel",
     "Rule",
+    "all_layers",
     "get_rules",
     "is_wrapped",
     "layers",

@@ -31,6 +31,7 @@ from keras_peft.update import apply_scaled_gradients, apply_scaled_gradients_if_
 
 __all__ = [
     "wrap", "unwrap", "is_wrapped", "variable_paths", "get_rules", "frozen_by_layer", "PeftModel",
+    "all_layers",
 ]
 
 _REGISTERED_NAME = "keras_peft>PeftModel"
@@ -70,8 +71,13 @@ def _trainable_capable(model) -> set[int]:
     return _compat.trainable_capable(model)
 
 
-def _layers_below(model) -> list:
-    """Every layer inside `model` (recursively), the model itself left out (either Keras)."""
+def all_layers(model) -> list:
+    """Every layer inside `model`, recursively, the model itself left out (either Keras).
+
+    Unlike `model.layers` (the top level only), this reaches the sublayers of
+    nested models and of custom layers (a keras-hub transformer block's
+    attention, DeepLabV3's ASPP branches), in Keras' tracking order.
+    """
     return [layer for layer in _compat.flatten_layers(model) if layer is not model]
 
 
@@ -242,7 +248,7 @@ class PeftModel:
         trained = {id(v) for v in self.trainable_weights}
         capable = _trainable_capable(self)
         flags, partial = {}, []
-        for layer in _layers_below(self):
+        for layer in all_layers(self):
             weights = [v for v in layer.weights if id(v) in capable]
             if not weights:
                 continue

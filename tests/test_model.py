@@ -424,3 +424,23 @@ def test_a_class_with_its_own_train_step_is_refused_and_compute_loss_is_used():
                                rtol=1e-6)
     for a, b in zip(wrapped.weights, plain.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, err_msg=a.path)
+
+
+def test_all_layers_reaches_sublayers_of_custom_layers_and_nested_models():
+    class Branches(keras.layers.Layer):  # a custom layer holding layers, like DeepLabV3's ASPP
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.a = keras.layers.Dense(2, name="branch_a")
+            self.b = keras.layers.Dense(2, name="branch_b")
+
+        def call(self, x):
+            return self.a(x) + self.b(x)
+
+    inner = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3, name="inner_dense")],
+                             name="inner")
+    x = keras.Input((3,))
+    model = keras.Model(x, Branches(name="aspp")(inner(x)), name="outer")
+    names = [layer.name for layer in keras_peft.all_layers(model)]
+    assert "outer" not in names
+    assert {"inner", "inner_dense", "aspp", "branch_a", "branch_b"} <= set(names)
+    assert [layer.name for layer in model.layers if layer.weights] == ["inner", "aspp"]
