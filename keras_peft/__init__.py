@@ -16,16 +16,14 @@ import os as _os
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from keras_peft import layers
-from keras_peft.auto import AutoResult, auto
-from keras_peft.delta import (
+from keras_peft._version import __version__ as __version__
+from keras_peft.checkpoints.delta import (
     DeltaError,
     DeltaFileError,
     DeltaMismatchError,
     load_delta,
     save_delta,
 )
-from keras_peft.depth import BlockInferenceError, Blocks, model_blocks
-from keras_peft.lora import LoraTargetError, lora, lora_layer_paths, merge, unmerge
 from keras_peft.model import (
     PeftModel,
     all_layers,
@@ -45,7 +43,10 @@ from keras_peft.rules import (
     Rule,
     UnmatchedRuleError,
 )
-from keras_peft.strategies import (
+from keras_peft.strategies.auto import AutoResult, auto
+from keras_peft.strategies.depth import BlockInferenceError, Blocks, model_blocks
+from keras_peft.strategies.lora import LoraTargetError, lora, lora_layer_paths, merge, unmerge
+from keras_peft.strategies.simple import (
     bitfit,
     combine,
     full,
@@ -56,9 +57,7 @@ from keras_peft.strategies import (
     surgical,
     top_layers,
 )
-from keras_peft.unfreezing import GradualUnfreezing, gradual_unfreezing
-
-__version__ = "0.1.0"
+from keras_peft.strategies.unfreezing import GradualUnfreezing, gradual_unfreezing
 
 __all__ = [
     # core
@@ -134,13 +133,16 @@ __all__ += [
 
 # Reliability: exact resume, atomic writes, non-finite steps (docs/reliability.md).
 from keras_peft import io  # noqa: E402 (each block of this file imports after the last)
-from keras_peft.backup import BackupAndRestore  # noqa: E402
+from keras_peft.checkpoints.backup import BackupAndRestore  # noqa: E402
 
 __all__ += ["BackupAndRestore", "io"]
 
+# The wrapped-model class of each Keras registers itself with keras_peft.model.
 # tf.keras (Keras 2) and TensorFlow Recommenders models (docs/tf-keras.md). The module,
 # `keras_peft.tf_keras`, stays out of __all__: a star import would shadow the `tf_keras`
 # package itself.
 from keras_peft.tf_keras import MixedKerasError, require_legacy_keras  # noqa: E402
+from keras_peft.wrapped import keras3 as _wrapped_keras3  # noqa: E402, F401
+from keras_peft.wrapped import tf_keras as _wrapped_tf_keras  # noqa: E402, F401
 
 __all__ += ["MixedKerasError", "require_legacy_keras"]

@@ -50,7 +50,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_peft import _compat
+from keras_peft.backends import keras3
+from keras_peft.model import get_rules, is_wrapped, wrap
 
 __all__ = [
     "CachedPrefix",
@@ -116,7 +117,7 @@ class _Step:
         if not self.is_layer:
             return []
         found = []
-        for layer in _compat.flatten_layers(self.op):
+        for layer in keras3.flatten_layers(self.op):
             if isinstance(layer, _DROPOUT_TYPES):
                 rate = getattr(layer, "rate", getattr(layer, "stddev", 0.0))
                 if rate:
@@ -124,7 +125,7 @@ class _Step:
             elif isinstance(layer, keras.layers.BatchNormalization):
                 if layer.trainable:  # Keras runs BN in inference mode when not trainable
                     found.append(("batchnorm", layer.name))
-            elif _compat.draws_random_numbers(layer):
+            elif keras3.draws_random_numbers(layer):
                 found.append(("random", layer.name))
         return found
 
@@ -133,7 +134,7 @@ class _Graph:
     """A functional model's operations in execution order, nested models inlined."""
 
     def __init__(self, model):
-        function = _compat.functional_of(model) if isinstance(model, keras.Model) else None
+        function = keras3.functional_of(model) if isinstance(model, keras.Model) else None
         if function is None:
             raise PrefixError(
                 f"cache_prefix needs a functional or Sequential Keras 3 model (keras-hub "
@@ -142,7 +143,7 @@ class _Graph:
                 "the frozen part and the trained part as two models and cache the first's "
                 "outputs yourself (`prefix.predict(...)`)."
             )
-        flat_inputs, self.input_struct = _compat.graph_inputs(function)
+        flat_inputs, self.input_struct = keras3.graph_inputs(function)
         if isinstance(self.input_struct, (list, tuple)) and len(self.input_struct) == 1:
             self.input_struct = self.input_struct[0]  # Sequential: one tensor, not a list
         self.input_keys = list(range(len(flat_inputs)))
@@ -150,15 +151,15 @@ class _Graph:
         self.steps: list[_Step] = []
         self._keys = itertools.count(len(flat_inputs))
         self.output_keys = self._inline(function, self.input_keys, model.name)
-        self.output_struct = _compat.graph_outputs(function)[1]
+        self.output_struct = keras3.graph_outputs(function)[1]
         self.producer = {k: i for i, s in enumerate(self.steps) for k in s.outputs}
         for step in self.steps:
             self.spec.update(zip(step.outputs, step.specs))
         self.needed = self._ancestors(self.output_keys)
 
     def _inline(self, function, in_keys, where) -> list:
-        local = {id(t): k for t, k in zip(_compat.graph_inputs(function)[0], in_keys)}
-        for node in _compat.graph_nodes(function):
+        local = {id(t): k for t, k in zip(keras3.graph_inputs(function)[0], in_keys)}
+        for node in keras3.graph_nodes(function):
             tensors = node.input_tensors
             if any(id(t) not in local for t in tensors):
                 continue  # not computable from the inputs (Keras skips it too)
@@ -172,7 +173,7 @@ class _Graph:
                 self.steps.append(_Step(node, {id(t): local[id(t)] for t in tensors}, keys,
                                         where))
             local.update((id(t), k) for t, k in zip(node.outputs, keys))
-        return [local[id(t)] for t in _compat.graph_outputs(function)[0]]
+        return [local[id(t)] for t in keras3.graph_outputs(function)[0]]
 
     def _ancestors(self, keys) -> set[int]:
         found, stack = set(), list(keys)
@@ -192,13 +193,13 @@ def _inlinable(node):
     op = node.operation
     if not isinstance(op, keras.Model):
         return None
-    nested = _compat.functional_of(op)
+    nested = keras3.functional_of(op)
     if nested is None:
         return None
-    args, kwargs = _compat.node_call_arguments(node)
+    args, kwargs = keras3.node_call_arguments(node)
     if len(args) != 1 or any(v is not None for v in keras.tree.flatten(kwargs)):
         return None  # called with training=/mask=/more: keep the call as it was made
-    inputs, structure = _compat.graph_inputs(nested)
+    inputs, structure = keras3.graph_inputs(nested)
     try:
         keras.tree.assert_same_structure(args[0], structure)
     except (ValueError, TypeError):
@@ -214,7 +215,7 @@ def _inlinable(node):
 def _replay(step: _Step, tensors: dict) -> None:
     """Calls the step's operation again on `tensors` (key -> KerasTensor), in place."""
     by_id = {tid: tensors[k] for tid, k in step.inputs.items()}
-    args, kwargs = _compat.node_fill_in(step.node, by_id)
+    args, kwargs = keras3.node_fill_in(step.node, by_id)
     outputs = keras.tree.flatten(step.op(*args, **kwargs))
     tensors.update(zip(step.outputs, outputs))
 
@@ -369,8 +370,6 @@ class _InferenceMode(keras.layers.Layer):
 
 def _copy_policy(source, target) -> None:
     """Wraps `target` with the rules of `source` that match its variables (if wrapped)."""
-    from keras_peft.model import get_rules, is_wrapped, wrap
-
     if not is_wrapped(source):
         return
     paths = [v.path for v in target.weights]
@@ -594,7 +593,7 @@ class CachedPrefix:
         _copy_policy(self.split.model, suffix)
         if not getattr(suffix, "compiled", False):
             model = self.split.model
-            arguments = _compat.compile_arguments(model)
+            arguments = keras3.compile_arguments(model)
             if arguments is None:
                 raise PrefixError(
                     f"Compile model {model.name!r} (the suffix trains with its optimizer, "

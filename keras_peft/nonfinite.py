@@ -24,6 +24,8 @@ import warnings
 
 import tensorflow as tf
 
+from keras_peft.state import peek, state_of
+
 __all__ = ["LOG_KEY", "NonFiniteGuard", "check_args", "configure"]
 
 LOG_KEY = "skipped_steps"
@@ -44,7 +46,7 @@ def check_args(model, skip_nonfinite, max_consecutive_nonfinite) -> None:
             f"that many non-finite steps in a row. Received: max_consecutive_nonfinite={n!r}."
         )
     enabled = skip_nonfinite or (
-        skip_nonfinite is None and getattr(model, "_peft_nonfinite", None) is not None
+        skip_nonfinite is None and getattr(peek(model), "nonfinite", None) is not None
     )
     if n is not None and not enabled:
         raise ValueError(
@@ -108,8 +110,9 @@ class NonFiniteGuard:
 
 
 def configure(model, skip_nonfinite, max_consecutive_nonfinite) -> None:
-    """Sets `model._peft_nonfinite` from `wrap`'s options (arguments already checked)."""
-    guard = getattr(model, "_peft_nonfinite", None)
+    """Sets the model state's guard from `wrap`'s options (arguments already checked)."""
+    state = state_of(model)
+    guard = state.nonfinite
     if skip_nonfinite is False:
         guard = None
     elif skip_nonfinite is True or guard is not None:
@@ -117,4 +120,4 @@ def configure(model, skip_nonfinite, max_consecutive_nonfinite) -> None:
             guard = NonFiniteGuard(max_consecutive_nonfinite or DEFAULT_MAX_CONSECUTIVE)
         elif max_consecutive_nonfinite is not None:
             guard.max_consecutive = int(max_consecutive_nonfinite)
-    model._peft_nonfinite = guard
+    state.nonfinite = guard

@@ -8,7 +8,9 @@ from collections.abc import Mapping
 
 import keras
 
+from keras_peft.backends import require_built
 from keras_peft.rules import Rule, resolve
+from keras_peft.state import peek
 
 __all__ = ["report", "Report", "ReportRow"]
 
@@ -191,13 +193,11 @@ def report(model: keras.Model, rules: Mapping[str, Rule] | None = None) -> Repor
     print(keras_peft.report(model, rules={".*bias": keras_peft.Rule(trainable=False)}))
     ```
     """
-    from keras_peft.model import frozen_by_layer, require_weights, variable_paths
-
-    require_weights(model, "report on")
+    backend = require_built(model, "report", "report on")
     weights = model.weights
-    path_of = dict(zip((id(v) for v in weights), variable_paths(model)))
-    held = frozen_by_layer(model)
-    decisions, trained, refused = _decide(model, rules, path_of, held)
+    path_of = dict(zip((id(v) for v in weights), backend.variable_paths(model)))
+    held = backend.frozen_by_layer(model)
+    decisions, trained, refused = _decide(backend, model, rules, path_of, held)
     groups: dict[str, list] = {}
     for v in weights:
         path = path_of[id(v)]
@@ -210,20 +210,18 @@ def report(model: keras.Model, rules: Mapping[str, Rule] | None = None) -> Repor
     return Report(rows, sum(r.params for r in rows), sum(r.trainable_params for r in rows))
 
 
-def _decide(model, rules, path_of, held) -> tuple[dict, set[int], set[int]]:
+def _decide(backend, model, rules, path_of, held) -> tuple[dict, set[int], set[int]]:
     """`(decisions by path, ids that train, ids whose rule wrap would refuse)`.
 
     Without `rules`, what the model does now; with them, what `wrap` would
     do (a rule that trains a variable of a frozen layer is refused there).
     """
-    from keras_peft.model import _trainable_capable
-
     trainable = {id(v) for v in model.trainable_weights}
     if rules is None:
-        plan = getattr(model, "_peft_plan", None)
+        plan = getattr(peek(model), "plan", None)
         return (plan.by_path() if plan is not None else {}), trainable, set()
     decisions = resolve([path_of[id(v)] for v in model.weights], rules).by_path()
-    capable = _trainable_capable(model)
+    capable = backend.trainable_capable(model)
     trained, refused = set(), set()
     for v in model.weights:
         d = decisions.get(path_of[id(v)])

@@ -40,11 +40,7 @@ class UnmatchedRuleError(PolicyError):
         self.pattern = pattern
         close = difflib.get_close_matches(pattern, paths, n=5, cutoff=0.0)
         shown = "\n".join(f"  {p}" for p in close)
-        widened = ".*" + pattern.strip(".*^$") + ".*"
-        try:
-            fits = sum(1 for p in paths if re.fullmatch(widened, p)) if widened != pattern else 0
-        except re.error:
-            fits = 0
+        widened, fits = widened_pattern(pattern, paths)
         if fits:  # a pattern written for part of the path
             hint = (f"Patterns are matched with re.fullmatch against whole paths, so add '.*' "
                     f"where a path continues: {widened!r} would match {fits}.")
@@ -57,6 +53,32 @@ class UnmatchedRuleError(PolicyError):
             f"Paths that look close:\n{shown}\n"
             "See them all with keras_peft.variable_paths(model)."
         )
+
+
+def widened_pattern(pattern: str, paths) -> tuple[str, int]:
+    """`(pattern with '.*' on both ends, how many of paths it fullmatches)`.
+
+    The hint of `UnmatchedRuleError` and `LoraTargetError`: a pattern written
+    for part of a path (`query`) matches nothing under `re.fullmatch`; the
+    count is 0 when widening changes nothing or does not help.
+    """
+    widened = ".*" + pattern.strip(".*^$") + ".*"
+    if widened == pattern:
+        return widened, 0
+    try:
+        return widened, sum(1 for p in paths if re.fullmatch(widened, p))
+    except re.error:
+        return widened, 0
+
+
+def check_unique_paths(paths) -> None:
+    """Raises `DuplicatePathError` for the first path that two variables share."""
+    seen: dict[str, int] = {}
+    for p in paths:
+        seen[p] = seen.get(p, 0) + 1
+    for p, n in seen.items():
+        if n > 1:
+            raise DuplicatePathError(p, n)
 
 
 class DuplicatePathError(PolicyError):
@@ -326,12 +348,7 @@ def resolve(paths: list[str], rules, *, allow_unmatched: bool = False) -> Plan:
         UnmatchedRuleError: a pattern matched no path.
     """
     rules = normalize_rules(rules)
-    seen: dict[str, int] = {}
-    for p in paths:
-        seen[p] = seen.get(p, 0) + 1
-    for p, n in seen.items():
-        if n > 1:
-            raise DuplicatePathError(p, n)
+    check_unique_paths(paths)
     compiled = [(pattern, re.compile(pattern), rule) for pattern, rule in rules.items()]
     decisions = []
     ever_matched: set[str] = set()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from keras_peft import _compat
+from keras_peft.backends import keras3
 
 
 def _scale_gradient(grad, scale: float):
@@ -52,20 +52,20 @@ def apply_scaled_gradients(optimizer, grads, variables, lr_scales, grad_scales) 
         for v, g, s in zip(variables, grads, lr_scales)
         if s != 1.0 and g is not None
     ]
-    inner = _compat.inner_optimizer(optimizer)
+    inner = keras3.inner_optimizer(optimizer)
     if not before or not getattr(inner, "use_ema", False):
         optimizer.apply_gradients(zip(grads, variables))
         _scale_updates(before)
         return
     step = tf.identity(inner.iterations)
-    with _compat.ema_overwrite_off(inner) as frequency:
+    with keras3.ema_overwrite_off(inner) as frequency:
         optimizer.apply_gradients(zip(grads, variables))
     moved = _scale_updates(before)
     # The averages took in the unscaled values: move them by (1 - m) times the change.
     momentum = tf.cast(inner.ema_momentum, tf.float32)
-    if _compat.ema_first_step_momentum(inner):
+    if keras3.ema_first_step_momentum(inner):
         momentum = tf.where(tf.equal(step, 0), tf.zeros_like(momentum), momentum)
-    averages = _compat.ema_averages(inner, [v for v, _, _ in before])
+    averages = keras3.ema_averages(inner, [v for v, _, _ in before])
     for average, change in zip(averages, moved):
         average.assign_add(tf.cast(1.0 - momentum, change.dtype) * change)
     if frequency:
@@ -73,7 +73,7 @@ def apply_scaled_gradients(optimizer, grads, variables, lr_scales, grad_scales) 
         overwrite = tf.logical_and(applied, tf.equal((step + 1) % frequency, 0))
 
         def write_averages():
-            for v, average in zip(variables, _compat.ema_averages(inner, variables)):
+            for v, average in zip(variables, keras3.ema_averages(inner, variables)):
                 v.assign(average)
 
         tf.cond(overwrite, write_averages, lambda: None)

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import re
 
-from keras_peft import _compat
-from keras_peft.depth import Blocks, Group, head_and_neck, model_blocks
+from keras_peft.backends import backend_for
 from keras_peft.rules import PolicyError, Rule, normalize_rules
+from keras_peft.strategies.depth import Blocks, Group, head_and_neck, model_blocks
 
 __all__ = [
     "head_only",
@@ -231,7 +232,7 @@ def norm_tuning(model, *, block_names=None, rest=FROZEN) -> dict:
     path_of = dict(zip((id(v) for v in model.weights), _paths(model)))
     norm_paths = [
         path_of[id(v)]
-        for layer in _compat.flatten_layers(model)
+        for layer in backend_for(model).flatten_layers(model)
         if type(layer).__name__ in _NORM_LAYERS
         for v in layer.trainable_weights
     ]
@@ -373,11 +374,7 @@ def keep_frozen(model, rules=None) -> dict:
     assert [v.path for v in model.trainable_weights] == ["head/kernel", "head/bias"]
     ```
     """
-    import re
-
-    from keras_peft.model import frozen_by_layer
-
-    held = frozen_by_layer(model)
+    held = backend_for(model, "keep_frozen").frozen_by_layer(model)
     paths = _paths(model)
     groups: dict[str, list[str]] = {}
     for v, path in zip(model.weights, paths):
@@ -457,12 +454,8 @@ def combine(*rule_sets) -> dict:
 
 
 def _paths(model) -> list[str]:
-    from keras_peft.model import variable_paths
-
-    return variable_paths(model)
+    return backend_for(model).variable_paths(model)
 
 
 def _exact(paths) -> str:
-    import re
-
     return "(?:" + "|".join(re.escape(p) for p in paths) + ")"

@@ -38,7 +38,7 @@ import uuid
 import keras
 import numpy as np
 
-from keras_peft import _compat
+from keras_peft.backends import keras3
 from keras_peft.io import atomic_write_json
 
 __all__ = ["BackupAndRestore"]
@@ -239,7 +239,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         saved, self._resume_metrics = self._resume_metrics, None
         model = self.model
         try:  # compiled metrics are built when the step is first traced, i.e. not yet
-            _compat.build_metrics(model, batch)
+            keras3.build_metrics(model, batch)
         except Exception:  # e.g. distributed values; the weights are exact anyway
             return
         variables = model.metrics_variables

@@ -1,13 +1,24 @@
-"""Every private Keras API that keras-peft touches, in one place.
+"""The Keras 3 backend: keras-peft's primitives for Keras 3 models, and every private
+Keras 3 API that keras-peft touches.
 
-Keras 3 has no public hook for these, so they are isolated here: if a Keras
-release moves one, this is the only module to change. Each function says
-why it exists.
+Keras 3 has no public hook for much of this, so it is isolated here: if a
+Keras release moves one, this is the only module to change. Each function
+says why it exists. The functions under "Backend interface" are the ones
+`keras_peft.backends.tf_keras` has too, with the same meaning.
 """
 
 from __future__ import annotations
 
 import keras
+import numpy as np
+
+from keras_peft.backends import common
+from keras_peft.backends.common import walk_frozen
+from keras_peft.backends.tf_keras import check_not_mixed
+
+NAME = "keras3"
+LORA_LAYERS = "Dense/EinsumDense/Embedding/Conv layers"
+BUILD_HINT = "call it on a batch, or `model.build(input_shape)`"
 
 
 def call_has_training_arg(model) -> bool:
@@ -81,26 +92,7 @@ def unknown_variables(optimizer, variables) -> list | None:
     return [v for v in variables if optimizer._var_key(v) not in known]
 
 
-class layer_flags_shown_as:  # a context manager, named like a function
-    """Makes `layer.trainable` read as given, for `{layer: bool}`, without side effects.
-
-    `model.summary(show_trainable=True)` prints each layer's `trainable`
-    flag; the public setter would also set every variable's flag, so the
-    backing attribute `_trainable` (the same in Keras 3 and tf.keras) is
-    swapped for the duration of the summary and put back after.
-    """
-
-    def __init__(self, flags: dict):
-        self.flags = flags
-
-    def __enter__(self):
-        self.saved = [(layer, layer._trainable) for layer in self.flags]
-        for layer, flag in self.flags.items():
-            layer._trainable = flag
-
-    def __exit__(self, *exc):
-        for layer, flag in self.saved:
-            layer._trainable = flag
+layer_flags_shown_as = common.layer_flags_shown_as
 
 
 # ------------------------------------------------------------------ EMA
@@ -344,3 +336,175 @@ def build_metrics(model, data_batch) -> None:
     running metrics needs their variables before that.
     """
     model._symbolic_build(data_batch=data_batch)
+
+
+# ------------------------------------------------------- backend interface
+def is_built(model) -> bool:
+    return bool(model.built and model.weights)
+
+
+def variable_paths(model) -> list[str]:
+    """`v.path` of every variable, in the order of `model.weights`."""
+    return [v.path for v in model.weights]
+
+
+def variable_owners(model) -> dict[int, object]:
+    """`{id(variable): the layer that created it}` (the innermost one)."""
+    return {id(v): layer for layer in reversed(flatten_layers(model))
+            for v in own_variables(layer)}
+
+
+def frozen_by_layer(model) -> dict[int, str]:
+    """Variables whose own layer is frozen the Keras way (Keras 3 trains the others)."""
+    return walk_frozen(model, own_variables, direct_sublayers, own_flag=True)
+
+
+hidden_by_layers = frozen_by_layer  # what a rule may not train
+
+
+def check_wrappable(model) -> str:
+    """Raises unless `wrap` can take `model` (TensorFlow backend, Keras' own step).
+
+    Returns the step kind (always `keras`).
+    """
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError(
+            "keras_peft needs the TensorFlow backend of Keras 3. Received a "
+            f"model on backend {keras.backend.backend()!r}; set "
+            "KERAS_BACKEND=tensorflow before importing keras."
+        )
+    check_not_mixed(model)
+    for cls in type(model).__mro__:
+        if "train_step" in vars(cls) and not cls.__module__.startswith(("keras.", "keras_peft.")):
+            raise TypeError(
+                f"Cannot wrap model {model.name!r}: its class {cls.__name__} defines its own "
+                "`train_step`, which keras_peft would replace by its own (to apply the rules' "
+                "trainability and lr_scale/grad_scale), silently dropping yours. Keep Keras' "
+                "train_step and put the loss in `compute_loss(x, y, y_pred, sample_weight)` "
+                "(Keras calls it from its step, and so does keras_peft's)."
+            )
+    return "keras"
+
+
+def set_trainable(model, decided, undecided, original, hidden) -> frozenset:
+    """Sets each variable's own `trainable` flag (Keras 3 variables have a writable one)."""
+    for v, trainable in decided:
+        v.trainable = trainable
+    for v in undecided:
+        if id(v) in original and id(v) not in hidden:
+            v.trainable = original[id(v)]
+    return frozenset()
+
+
+def restore_trainable(model, original) -> None:
+    for v in model.weights:
+        if id(v) in original:
+            v.trainable = original[id(v)]
+
+
+def optimizer_variables(optimizer) -> list[int] | None:
+    """Ids of the variables the optimizer was built with, in order; None while unbuilt."""
+    inner = inner_optimizer(optimizer)
+    return [id(v) for v in inner._trainable_variables] if inner.built else None
+
+
+def optimizer_needs_rebuild(optimizer, variables) -> bool:
+    return bool(unknown_variables(optimizer, variables))  # None: builds itself at its first step
+
+
+def rebuild_optimizer(model, variables) -> None:
+    """Gives `model` an optimizer built for `variables` (in order), keeping the state it had."""
+    optimizer = model.optimizer
+    rebuilt = optimizer.__class__.from_config(optimizer.get_config())
+    with keras.name_scope(rebuilt.name, caller=rebuilt):
+        rebuilt.build(variables)
+    old = {v.path: v for v in optimizer.variables}
+    for v in rebuilt.variables:
+        if v.path in old:
+            v.assign(old[v.path])
+    model.optimizer = rebuilt
+
+
+def serialize_base(model) -> dict:
+    """The config of `model` as its own class writes it (the wrapped class set aside)."""
+    with as_class(model, model._peft_base_class):
+        base = keras.saving.serialize_keras_object(model)
+    base.pop("compile_config", None)  # the wrapped model's own is kept outside
+    return base
+
+
+def deserialize_base(config: dict, custom_objects: dict):
+    return keras.saving.deserialize_keras_object(config, custom_objects=custom_objects)
+
+
+as_class = common.as_class
+
+
+def register_wrapped_class(cls, loader) -> None:
+    """Every wrapped class serializes under one registered name, resolved to `loader`."""
+    keras.saving.register_keras_serializable(package="keras_peft", name="PeftModel")(cls)
+    keras.saving.get_custom_objects()["keras_peft>PeftModel"] = loader
+
+
+def lora_layer_paths(model) -> dict:
+    """`{layer path: layer}` of the built layers with built-in LoRA, in `model.weights` order."""
+    layers = {}
+    for layer in flatten_layers(model):
+        if supports_lora(layer) and layer.built:
+            layers[id(lora_base_variable(layer))] = layer
+    ordered = [layers[id(v)] for v in model.weights if id(v) in layers]
+    return {lora_base_variable(layer).path.rsplit("/", 1)[0]: layer for layer in ordered}
+
+
+def lora_already(layer) -> bool:
+    return bool(layer.lora_enabled) or lora_adapters(layer) is not None
+
+
+def enable_lora(layer, rank: int, alpha) -> None:
+    layer.enable_lora(rank, lora_alpha=alpha)
+
+
+def lora_adapter_shapes(layer, rank: int) -> dict[str, tuple]:
+    """`{adapter variable name: shape}` that `enable_lora(layer, rank)` creates."""
+    base_shape = tuple(lora_base_variable(layer).shape)
+    a_name, b_name = lora_adapter_names(layer)
+    return {a_name: base_shape[:-1] + (rank,), b_name: (rank, base_shape[-1])}
+
+
+def delta_variables(model) -> list:
+    """The trainable weights, plus the state of layers that can update it in `fit`.
+
+    State is what a layer creates non-trainable and updates itself, like
+    BatchNorm moving statistics; they change during `fit` whenever the layer
+    is `trainable`, even if the rules freeze its gamma and beta, so they are
+    saved for every trainable layer. Quantized layers' integer kernels and
+    scales are not state in this sense and are left out.
+    """
+    capable = trainable_capable(model)
+    wanted = {id(v) for v in model.trainable_weights}
+    for layer in flatten_layers(model):
+        if layer is model or not layer.trainable or getattr(layer, "quantization_mode", None):
+            continue
+        wanted.update(id(v) for v in own_state_variables(layer) if id(v) not in capable)
+    return common.in_model_order(model, wanted)
+
+
+def dtype_name(v) -> str:
+    return keras.backend.standardize_dtype(v.dtype)
+
+
+def to_numpy(v) -> np.ndarray:
+    return np.ascontiguousarray(keras.ops.convert_to_numpy(v))
+
+
+def saved_trainable(v) -> bool:
+    return bool(v.trainable)
+
+
+def model_header(model) -> dict:
+    """What a delta file records of the model it was saved from."""
+    return {"name": model.name, "class": getattr(model, "_peft_base_class", type(model)).__name__}
+
+
+def keras_version() -> str:
+    return keras.__version__

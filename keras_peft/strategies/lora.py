@@ -24,11 +24,11 @@ import re
 import keras
 from keras import ops
 
-from keras_peft import _compat
-from keras_peft.depth import head_and_neck
-from keras_peft.model import frozen_by_layer
-from keras_peft.rules import FrozenLayerError, PolicyError, Rule
-from keras_peft.strategies import FROZEN, _add, _exact, _finish
+from keras_peft.backends import backend_for, keras3, require_built
+from keras_peft.rules import FrozenLayerError, PolicyError, Rule, widened_pattern
+from keras_peft.state import state_of
+from keras_peft.strategies.depth import head_and_neck
+from keras_peft.strategies.simple import FROZEN, _add, _exact, _finish
 
 __all__ = ["LoraTargetError", "lora", "lora_layer_paths", "merge", "unmerge"]
 
@@ -38,22 +38,18 @@ ADAPTER_NOTE = "lora"
 class LoraTargetError(PolicyError):
     """`targets` matched no layer that supports LoRA."""
 
-    def __init__(self, targets: str, candidates: list[str]):
+    def __init__(self, targets: str, candidates: list[str], kinds: str = keras3.LORA_LAYERS):
         self.targets = targets
         close = difflib.get_close_matches(targets, candidates, n=5, cutoff=0.0)
         shown = "\n".join(f"  {p}" for p in close) or "  (none)"
-        widened = ".*" + targets.strip(".*^$") + ".*"
-        try:
-            fits = sum(1 for p in candidates if re.fullmatch(widened, p))
-        except re.error:
-            fits = 0
-        if fits and widened != targets:
+        widened, fits = widened_pattern(targets, candidates)
+        if fits:
             hint = f"so add '.*' where a path continues: {widened!r} would match {fits}."
         else:
             hint = "and no layer path contains this one either: check the names."
         super().__init__(
             f"targets={targets!r} matched no layer that supports LoRA "
-            f"({len(candidates)} Dense/EinsumDense/Embedding/Conv layers). The "
+            f"({len(candidates)} {kinds}). The "
             "pattern is matched with re.fullmatch against whole layer paths (a "
             f"variable's path without its last segment), {hint} Layer paths "
             f"that look close:\n{shown}\nSee them all with keras_peft.lora_layer_paths(model)."
@@ -61,39 +57,23 @@ class LoraTargetError(PolicyError):
 
 
 # --------------------------------------------------------------------- helpers
-def _layer_path(layer) -> str:
-    return _compat.lora_base_variable(layer).path.rsplit("/", 1)[0]
-
-
 def lora_layer_paths(model) -> dict[str, keras.layers.Layer]:
     """`{layer path: layer}` for every built layer of `model` with built-in LoRA.
 
     In the order of `model.weights`; these are the paths `lora(targets=...)`
     is matched against. For a tf.keras model: its `Embedding` and `Dense` layers.
     """
-    from keras_peft import tf_keras
-
-    if tf_keras.is_tf_keras_model(model):
-        return tf_keras.lora_layer_paths(model)
-    layers = {}
-    for layer in _compat.flatten_layers(model):
-        if _compat.supports_lora(layer) and layer.built:
-            layers[id(_compat.lora_base_variable(layer))] = layer
-    ordered = [layers[id(v)] for v in model.weights if id(v) in layers]
-    return {_layer_path(layer): layer for layer in ordered}
+    return backend_for(model, "lora_layer_paths").lora_layer_paths(model)
 
 
-def _check_built(model, action: str) -> None:
+def _check_keras3(model, action: str) -> None:
+    """`merge`/`unmerge` work on Keras 3 models (tf.keras LoRA layers compute unmerged)."""
     if not isinstance(model, keras.Model):
         raise TypeError(
             f"keras_peft.{action} expects a Keras 3 `keras.Model`. Received: "
             f"{type(model).__module__}.{type(model).__name__}."
         )
-    if not model.built or not model.weights:
-        raise ValueError(
-            f"Cannot {action} model {model.name!r}: it has no weights yet. Build it "
-            "first (call it on a batch, or `model.build(input_shape)`)."
-        )
+    require_built(model, action)
 
 
 def _check_rank(rank) -> int:
@@ -163,7 +143,7 @@ def _pattern(intended: list[str], all_paths: list[str]) -> str:
 
 def _delta(layer):
     """`alpha / rank * A @ B`, in float32 (what the `kernel` property adds)."""
-    a, b = _compat.lora_adapters(layer)
+    a, b = keras3.lora_adapters(layer)
     return (layer.lora_alpha / layer.lora_rank) * ops.matmul(a, b)
 
 
@@ -191,7 +171,7 @@ def lora(
     `keras_peft.model_blocks`) trains; `rest` decides everything else.
     Pass them to `keras_peft.wrap`, or `combine` them first.
 
-    What was done is recorded in `model._peft_lora` (a list, one entry per
+    What was done is recorded in the model's `ModelState` (`lora`, one entry per
     call), and `keras_peft.save_delta` writes the adapters' ranks so that
     `keras_peft.load_delta` can re-create them on a fresh base model.
 
@@ -243,55 +223,65 @@ def lora(
     model.fit(np.ones((8, 8)), np.ones((8, 1)), epochs=1, verbose=0)
     ```
     """
-    from keras_peft import tf_keras
-
-    if tf_keras.is_tf_keras_model(model):
-        return tf_keras.lora(model, rank, alpha, targets, block_names=block_names, rest=rest)
     rank = _check_rank(rank)
     alpha = _check_alpha(alpha, rank)
     regex = _check_targets(targets)
     if rest is not None and not isinstance(rest, Rule):
         raise ValueError(f"`rest` must be a keras_peft.Rule or None. Received: rest={rest!r}.")
-    _check_built(model, "add LoRA to")
+    backend = require_built(model, "lora", "add LoRA to")
+    matched = _matched_layers(backend, model, targets, regex)
+    head, _ = head_and_neck(model, block_names)  # may raise: before any change
 
-    candidates = lora_layer_paths(model)
+    for layer in matched.values():
+        backend.enable_lora(layer, rank, alpha)
+    backend.reset_compiled_functions(model)
+    state_of(model, backend).add_lora(
+        {"rank": rank, "alpha": alpha, "targets": targets, "layers": list(matched)})
+    return _lora_rules(backend, model, matched, head, rest)
+
+
+def _matched_layers(backend, model, targets: str, regex) -> dict:
+    """The layers `targets` selects, once each is checked to take LoRA (before any change)."""
+    candidates = backend.lora_layer_paths(model)
     matched = {p: layer for p, layer in candidates.items() if regex.fullmatch(p)}
     if not matched:
-        raise LoraTargetError(targets, list(candidates))
+        raise LoraTargetError(targets, list(candidates), backend.LORA_LAYERS)
     for path, layer in matched.items():
-        if layer.lora_enabled or _compat.lora_adapters(layer) is not None:
+        if backend.lora_already(layer):
             raise ValueError(
                 f"Layer {path!r} already has LoRA adapters (rank "
                 f"{layer.lora_rank}); Keras allows them once per layer. Narrow "
                 f"`targets` to leave it out, or start from a model without "
                 f"adapters. Received: targets={targets!r}."
             )
-        reason = _compat.lora_blocker(layer)
+        reason = backend.lora_blocker(layer)
         if reason:
             raise ValueError(
                 f"Cannot enable LoRA on layer {path!r}: {reason}. Narrow `targets` "
                 f"to leave it out. Received: targets={targets!r}."
             )
-    held = frozen_by_layer(model)
-    frozen = [(p, held[id(_compat.lora_base_variable(layer))]) for p, layer in matched.items()
-              if id(_compat.lora_base_variable(layer)) in held]
+    held = backend.hidden_by_layers(model)
+    frozen = [(p, held[id(backend.lora_base_variable(layer))]) for p, layer in matched.items()
+              if id(backend.lora_base_variable(layer)) in held]
     if frozen:  # its adapters would be frozen too: refuse before any change
         raise FrozenLayerError(frozen)
-    head, _ = head_and_neck(model, block_names)  # may raise: before any change
+    return matched
 
-    for layer in matched.values():
-        layer.enable_lora(rank, lora_alpha=alpha)
-    _compat.reset_compiled_functions(model)
-    record = {"rank": rank, "alpha": alpha, "targets": targets, "layers": list(matched)}
-    model._peft_lora = [*getattr(model, "_peft_lora", []), record]
 
-    adapters = [v.path for layer in matched.values() for v in _compat.lora_adapters(layer)]
-    bases = [_compat.lora_base_variable(layer).path for layer in matched.values()]
-    paths = [v.path for v in model.weights]
+def _lora_rules(backend, model, matched: dict, head, rest) -> dict:
+    """Adapters train, the adapted kernels freeze, the head trains, `rest` decides the rest."""
+    paths = backend.variable_paths(model)
+    path_of = dict(zip((id(v) for v in model.weights), paths))
+    adapters = [path_of[id(v)] for layer in matched.values()
+                for v in backend.lora_adapters(layer)]
+    bases = [path_of[id(backend.lora_base_variable(layer))] for layer in matched.values()]
     rules: dict = {}
     rules[_pattern(adapters, paths)] = Rule(note=ADAPTER_NOTE)
     rules[_pattern(bases, paths)] = Rule(trainable=False, note="lora base")
-    _add(rules, head, Rule(note="head"))
+    capable = backend.trainable_capable(model)
+    head_paths = set(head.paths)
+    if any(id(v) in capable for v in model.weights if path_of[id(v)] in head_paths):
+        _add(rules, head, Rule(note="head"))  # not a head of state only (a TFRS task)
     return _finish(rules, rest)
 
 
@@ -300,7 +290,7 @@ def _adapted_layers(model) -> dict:
     return {
         p: layer
         for p, layer in lora_layer_paths(model).items()
-        if _compat.lora_adapters(layer) is not None
+        if keras3.lora_adapters(layer) is not None
     }
 
 
@@ -348,16 +338,16 @@ def merge(model):
     keras_peft.unmerge(model)
     ```
     """
-    _check_built(model, "merge")
+    _check_keras3(model, "merge")
     adapted = _adapted_layers(model)
     if not adapted:
         raise ValueError(
             f"Model {model.name!r} has no LoRA adapters to merge. Add them with "
             "keras_peft.lora(model, rank) and train first."
         )
-    if getattr(model, "_peft_merged", None):
+    if state_of(model).merged:
         raise ValueError(
-            f"Model {model.name!r} is merged already ({len(model._peft_merged)} "
+            f"Model {model.name!r} is merged already ({len(state_of(model).merged)} "
             "layers): merging again would add the adapters twice. Call "
             "keras_peft.unmerge(model) first."
         )
@@ -377,14 +367,14 @@ def merge(model):
     # Compute every new value before the first assignment.
     merged = {}
     for p, layer in enabled.items():
-        base = _compat.lora_base_variable(layer)
+        base = keras3.lora_base_variable(layer)
         value = ops.add(ops.cast(base, "float32"), _delta(layer))
         merged[p] = (layer, base, ops.cast(value, base.dtype))
     for layer, base, value in merged.values():
         base.assign(value)
-        _compat.set_lora_enabled(layer, False)
-    _compat.reset_compiled_functions(model)
-    model._peft_merged = list(merged)
+        keras3.set_lora_enabled(layer, False)
+    keras3.reset_compiled_functions(model)
+    state_of(model).merged = list(merged)
     return model
 
 
@@ -397,8 +387,8 @@ def unmerge(model):
     Raises:
         ValueError: the model is not merged.
     """
-    _check_built(model, "unmerge")
-    paths = list(getattr(model, "_peft_merged", None) or [])
+    _check_keras3(model, "unmerge")
+    paths = list(state_of(model).merged)
     if not paths:
         raise ValueError(
             f"Model {model.name!r} is not merged, so there is nothing to unmerge. "
@@ -411,12 +401,12 @@ def unmerge(model):
     restored = {}
     for p in paths:
         layer = adapted[p]
-        base = _compat.lora_base_variable(layer)
+        base = keras3.lora_base_variable(layer)
         value = ops.subtract(ops.cast(base, "float32"), _delta(layer))
         restored[p] = (layer, base, ops.cast(value, base.dtype))
     for layer, base, value in restored.values():
         base.assign(value)
-        _compat.set_lora_enabled(layer, True)
-    _compat.reset_compiled_functions(model)
-    model._peft_merged = []
+        keras3.set_lora_enabled(layer, True)
+    keras3.reset_compiled_functions(model)
+    state_of(model).merged = []
     return model

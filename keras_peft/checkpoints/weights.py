@@ -40,7 +40,9 @@ import weakref
 import keras
 import numpy as np
 
-from keras_peft import _compat
+from keras_peft.backends import keras3
+from keras_peft.policy import apply_policy, fit_rules_to_model, sync_optimizer
+from keras_peft.state import state_of
 
 __all__ = ["PeftState", "after_load", "capture"]
 
@@ -56,10 +58,6 @@ class CheckpointMismatchError(ValueError):
 
 
 # ------------------------------------------------------------------ helpers
-def _inner(optimizer):
-    return getattr(optimizer, "inner_optimizer", None) or optimizer
-
-
 def _seed_entries(model) -> list[tuple[str, object]]:
     """`(layer name, SeedGenerator)` for every seed generator of a layer of `model`, in order.
 
@@ -69,23 +67,17 @@ def _seed_entries(model) -> list[tuple[str, object]]:
     """
     return [
         (layer.name, generator)
-        for layer in _compat.flatten_layers(model)
-        for generator in _compat.seed_generators(layer)
+        for layer in keras3.flatten_layers(model)
+        for generator in keras3.seed_generators(layer)
     ]
 
 
 def _lora_layers(model) -> list:
-    from keras_peft.lora import lora_layer_paths
-
     return [
         (path, layer)
-        for path, layer in lora_layer_paths(model).items()
-        if _compat.lora_adapters(layer) is not None
+        for path, layer in keras3.lora_layer_paths(model).items()
+        if keras3.lora_adapters(layer) is not None
     ]
-
-
-def _own_variables(layer) -> list:
-    return list(layer._trainable_variables) + list(layer._non_trainable_variables)
 
 
 # -------------------------------------------------------------------- save
@@ -101,14 +93,13 @@ def capture(model) -> tuple[dict, list[np.ndarray]]:
 
     optimizer = getattr(model, "optimizer", None)
     order = None
-    if optimizer is not None and _inner(optimizer).built:
-        built_with = _inner(optimizer)._trainable_variables
-        if all(id(v) in index for v in built_with):
-            order = [index[id(v)] for v in built_with]
+    built_with = None if optimizer is None else keras3.optimizer_variables(optimizer)
+    if built_with is not None and all(i in index for i in built_with):
+        order = [index[i] for i in built_with]
 
     lora = []
     for path, layer in _lora_layers(model):
-        own = [v for v in _own_variables(layer) if id(v) in index]
+        own = [v for v in keras3.own_variables(layer) if id(v) in index]
         lora.append({
             "layer": path,
             "rank": int(layer.lora_rank),
@@ -117,16 +108,17 @@ def capture(model) -> tuple[dict, list[np.ndarray]]:
             "values": {str(index[id(v)]): add(v) for v in own},
         })
     seeds = [[name, add(generator.state)] for name, generator in _seed_entries(model)]
-    guard = getattr(model, "_peft_nonfinite", None)
+    peft = state_of(model)
+    guard = peft.nonfinite
     state = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "weights": [[v.path, list(v.shape)] for v in weights],
         "trainable": [i for i, v in enumerate(weights) if v.trainable],
-        "rules": {p: r.get_config() for p, r in getattr(model, "_peft_rules", {}).items()},
+        "rules": {p: r.get_config() for p, r in peft.rules.items()},
         "optimizer_order": order,
         "lora": lora,
-        "merged": list(getattr(model, "_peft_merged", None) or []),
+        "merged": list(peft.merged),
         "seeds": seeds,
         "nonfinite": None if guard is None else {
             "skipped": int(guard.skipped.numpy()),
@@ -175,7 +167,7 @@ def _check_lora(model, state: dict, mapped: list) -> list:
     """`[(layer, entry)]` for the saved adapters; raises if the model lacks them."""
     owner = {}
     for _, layer in _lora_layers(model):
-        for v in _own_variables(layer):
+        for v in keras3.own_variables(layer):
             owner[id(v)] = layer
     plan = []
     for entry in state["lora"]:
@@ -196,18 +188,6 @@ def _check_lora(model, state: dict, mapped: list) -> list:
             )
         plan.append((layer, entry))
     return plan
-
-
-def _rebuild_optimizer(model, variables: list) -> None:
-    """Gives `model` an optimizer built with exactly `variables`, in that order."""
-    optimizer = model.optimizer
-    inner = _inner(optimizer)
-    if inner.built and [id(v) for v in inner._trainable_variables] == [id(v) for v in variables]:
-        return
-    rebuilt = optimizer.__class__.from_config(optimizer.get_config())
-    with keras.name_scope(rebuilt.name, caller=rebuilt):
-        rebuilt.build(variables)
-    model.optimizer = rebuilt
 
 
 def _check_format(state: dict) -> None:
@@ -253,8 +233,6 @@ def _seed_values(model, state, tensors) -> list:
 
 def restore(model, state: dict, tensors: list) -> None:
     """Applies a `capture`d state to `model`; checks everything before changing anything."""
-    from keras_peft.model import _apply_policy, fit_rules_to_model
-
     _check_format(state)
     mapped = _map_weights(model, state["weights"])
     rules = fit_rules_to_model(model, state["rules"]) if state["rules"] else None
@@ -268,45 +246,46 @@ def restore(model, state: dict, tensors: list) -> None:
     if rules is not None:
         with warnings.catch_warnings():  # shadowed rules were reported when they were set
             warnings.simplefilter("ignore")
-            _apply_policy(model, rules)
+            apply_policy(model, rules)
     wanted = set(state["trainable"])
-    capable = _compat.trainable_capable(model)
+    capable = keras3.trainable_capable(model)
     for i, v in enumerate(mapped):
         if id(v) in capable:
             v.trainable = i in wanted
-    model._peft_version = getattr(model, "_peft_version", 0) + 1  # retrace the step
+    peft = state_of(model)
+    peft.bump()  # retrace the step
     exact = []
     for layer, entry in lora:
-        _compat.set_lora_enabled(layer, entry["enabled"])
+        keras3.set_lora_enabled(layer, entry["enabled"])
         exact.extend((mapped[int(i)], tensors[t]) for i, t in entry["values"].items())
     exact.extend(seed_values)
     for variable, value in exact:
         variable.assign(value)
-    if state.get("merged") or getattr(model, "_peft_merged", None):
-        model._peft_merged = list(state.get("merged") or [])
+    if state.get("merged") or peft.merged:
+        peft.merged = list(state.get("merged") or [])
     # Layers loaded after this state (a subclassed model's attributes) would
     # put the merged kernel and zero adapters back: `after_load` repeats this.
-    # (Set in __dict__: Keras would try to track the variables in the list.)
-    model.__dict__["_peft_exact_values"] = exact
-    guard = getattr(model, "_peft_nonfinite", None)
+    peft.exact_values = exact
+    guard = peft.nonfinite
     if guard is not None and state.get("nonfinite"):
         guard.skipped.assign(state["nonfinite"]["skipped"])
         guard.consecutive.assign(state["nonfinite"]["consecutive"])
     if optimizer is not None and order is not None:
-        _rebuild_optimizer(model, [mapped[i] for i in order])
+        sync_optimizer(model, order=[mapped[i] for i in order])
     model.test_function = None  # traced with the old LoRA branch
     model.predict_function = None
 
 
 def after_load(model) -> None:
     """Called at the end of `load_weights`: re-applies the exact LoRA values and seeds."""
-    exact = model.__dict__.pop("_peft_exact_values", None)
+    peft = state_of(model)
+    exact, peft.exact_values = peft.exact_values, None
     for variable, value in exact or []:
         variable.assign(value)
 
 
 # --------------------------------------------------------------- saveable
-class PeftState(_compat.keras_saveable_base()):
+class PeftState(keras3.keras_saveable_base()):
     """The `keras_peft_state` attribute of a wrapped model (see the module docstring)."""
 
     def __new__(cls, model):
@@ -325,7 +304,7 @@ class PeftState(_compat.keras_saveable_base()):
         return f"<keras_peft state of model {getattr(model, 'name', None)!r}>"
 
     def _obj_type(self):
-        return _compat.SAVEABLE_OBJ_TYPE
+        return keras3.SAVEABLE_OBJ_TYPE
 
     def save_own_variables(self, store):
         model = self._model_ref()

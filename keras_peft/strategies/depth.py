@@ -42,7 +42,7 @@ import dataclasses
 import math
 import re
 
-from keras_peft import _compat
+from keras_peft.backends import backend_for, backend_of_layer
 
 __all__ = ["Group", "Blocks", "BlockInferenceError", "model_blocks", "head_and_neck"]
 
@@ -213,7 +213,7 @@ def _backbone(model):
     backbone = getattr(model, "backbone", None)
     if backbone is not None and backbone is not model and hasattr(backbone, "weights"):
         return backbone
-    subs = [layer for layer in _compat.direct_sublayers(model)
+    subs = [layer for layer in backend_of_layer(model).direct_sublayers(model)
             if _is_model(layer) and layer.weights]
     if not subs:
         return None
@@ -223,7 +223,7 @@ def _backbone(model):
 
 def _top_layers(scope) -> list:
     """The direct sublayers of `scope` that have weights, in order."""
-    return [layer for layer in _compat.direct_sublayers(scope) if layer.weights]
+    return [layer for layer in backend_of_layer(scope).direct_sublayers(scope) if layer.weights]
 
 
 def _trailing_head(post: list[str], owners: dict[str, object]) -> list[str]:
@@ -246,11 +246,10 @@ _HEAD_TYPES = ("Dense", "EinsumDense")
 
 
 def _split(model, block_names, require_blocks: bool) -> Blocks:
-    from keras_peft.model import variable_owners, variable_paths
-
+    backend = backend_for(model, "model_blocks")
     backbone = _backbone(model)
     weights = model.weights
-    paths = variable_paths(model)
+    paths = backend.variable_paths(model)
     path_of = dict(zip((id(v) for v in weights), paths))
     if backbone is not None and len(backbone.weights) == len(weights):
         return _split(backbone, block_names, require_blocks)  # the head is inside it
@@ -260,7 +259,7 @@ def _split(model, block_names, require_blocks: bool) -> Blocks:
         inside = {id(v) for v in backbone.weights}
         before: set[int] = set()  # layers ahead of a nested backbone are the stem
         if backbone is not getattr(model, "backbone", None):
-            layers = _compat.direct_sublayers(model)
+            layers = backend.direct_sublayers(model)
             ahead = layers[:next(i for i, layer in enumerate(layers) if layer is backbone)]
             before = {id(v) for layer in ahead for v in layer.weights} - inside
         outside = [path_of[id(v)] for v in weights if id(v) in before]
@@ -279,7 +278,8 @@ def _split(model, block_names, require_blocks: bool) -> Blocks:
     stem = outside + [p for p in body if p not in key_of and paths.index(p) < first_block]
     rest = [p for p in body if p not in key_of and p not in set(stem)]
     if backbone is None and not head and rest:
-        owners = {path_of[i]: layer for i, layer in variable_owners(model).items() if i in path_of}
+        owners = {path_of[i]: layer for i, layer in backend.variable_owners(model).items()
+                  if i in path_of}
         layers = list(dict.fromkeys(_layer_of(p) for p in rest))
         heads = set(_trailing_head(layers, {_layer_of(p): owners.get(p) for p in rest}))
         head = [p for p in rest if _layer_of(p) in heads]
@@ -338,9 +338,10 @@ def _layer_blocks(model, backbone, path_of, body, head, require_blocks):
 
 def _no_blocks_error(model, scope, head) -> BlockInferenceError:
     order = {id(v): i for i, v in enumerate(model.weights)}
-    leaves = sorted((layer for layer in _compat.flatten_layers(model)
+    backend = backend_for(model)
+    leaves = sorted((layer for layer in backend.flatten_layers(model)
                      if layer is not model and layer.weights
-                     and not _compat.direct_sublayers(layer)),
+                     and not backend.direct_sublayers(layer)),
                     key=lambda layer: min(order.get(id(v), len(order)) for v in layer.weights))
     found = [f"{layer.name} ({type(layer).__name__}, {_size(layer.weights):,} params)"
              for layer in leaves]

@@ -26,9 +26,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_peft import _compat
-from keras_peft.depth import head_and_neck
+from keras_peft.backends import keras3
 from keras_peft.rules import Rule
+from keras_peft.strategies.depth import head_and_neck
 
 __all__ = ["AutoResult", "auto"]
 
@@ -200,7 +200,7 @@ def _loss_function(model, loss):
     compiled = getattr(model, "compiled", False)
     overrides = type(model).compute_loss is not keras.Model.compute_loss
     if compiled and (getattr(model, "loss", None) is not None or overrides):
-        return lambda x, y, y_pred, sw: _compat.compute_loss(model, x, y, y_pred, sw)
+        return lambda x, y, y_pred, sw: keras3.compute_loss(model, x, y, y_pred, sw)
     state = "compiled without a loss" if compiled else "not compiled"
     raise ValueError(
         f"keras_peft.auto needs a loss to measure gradients, but model {model.name!r} is "
@@ -269,7 +269,7 @@ def _measure_fn(model, variables, loss_fn):
                 tape.watch(h)
             # Inference mode: no dropout noise, and BatchNormalization's moving
             # statistics are left as they are.
-            if _compat.call_has_training_arg(model):
+            if keras3.call_has_training_arg(model):
                 y_pred = model(x, training=False)
             else:
                 y_pred = model(x)
@@ -468,7 +468,7 @@ def auto(
     loss_fn = _loss_function(model, loss)
     head = set(head_and_neck(model, block_names)[0].paths)
 
-    capable = _compat.trainable_capable(model)
+    capable = keras3.trainable_capable(model)
     variables = [
         v for v in weights if id(v) in capable and tf.as_dtype(v.dtype).is_floating
     ]

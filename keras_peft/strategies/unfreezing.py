@@ -16,10 +16,10 @@ import warnings
 
 import keras
 
-from keras_peft import _compat
-from keras_peft.depth import Blocks, model_blocks
+from keras_peft.backends import keras3
 from keras_peft.model import PeftModel
 from keras_peft.rules import Rule, resolve
+from keras_peft.strategies.depth import Blocks, model_blocks
 
 __all__ = ["GradualUnfreezing", "gradual_unfreezing"]
 
@@ -225,7 +225,7 @@ class GradualUnfreezing(keras.callbacks.Callback):
         ours_regex = [re.compile(p) for p in ours]
         base = {p: r for p, r in rules.items() if p not in ours}
         compiled = [re.compile(p) for p in base]
-        capable = _compat.trainable_capable(model)
+        capable = keras3.trainable_capable(model)
         moving = {p for g in (self._blocks.stem, *self._blocks.blocks) for p in g.paths}
         restore = []
         for v in model.weights:

@@ -17,16 +17,16 @@ import os
 import re
 import warnings
 
-import keras
 import numpy as np
 import safetensors
 import safetensors.numpy
 
-from keras_peft import _compat
+from keras_peft._version import __version__
+from keras_peft.backends import common, require_built
 from keras_peft.io import atomic_path
-from keras_peft.lora import _layer_path, lora_layer_paths
 from keras_peft.model import get_rules, wrap
-from keras_peft.rules import DuplicatePathError, PolicyError, normalize_rules, resolve
+from keras_peft.rules import PolicyError, check_unique_paths, normalize_rules, resolve
+from keras_peft.state import state_of
 
 __all__ = ["DeltaError", "DeltaFileError", "DeltaMismatchError", "load_delta", "save_delta"]
 
@@ -50,23 +50,6 @@ class DeltaMismatchError(DeltaError):
 
 
 # ------------------------------------------------------------------- helpers
-def _check_model(model, action: str) -> None:
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"keras_peft.{action} expects a Keras 3 `keras.Model`. Received: "
-            f"{type(model).__module__}.{type(model).__name__}."
-        )
-    if not model.built or not model.weights:
-        raise ValueError(
-            f"Cannot {action} with model {model.name!r}: it has no weights yet. "
-            "Build it first (call it on a batch, or `model.build(input_shape)`)."
-        )
-
-
-def _dtype(x) -> str:
-    return keras.backend.standardize_dtype(x.dtype)
-
-
 def _digest(tensors: dict[str, np.ndarray]) -> str:
     h = hashlib.sha256()
     for path in sorted(tensors):
@@ -74,39 +57,6 @@ def _digest(tensors: dict[str, np.ndarray]) -> str:
         h.update(f"{path}|{a.dtype.name}|{list(a.shape)}|".encode())
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
-
-
-def _delta_variables(model) -> list:
-    """The trainable weights, plus the state of layers that can update it in `fit`.
-
-    State is what a layer creates non-trainable and updates itself, like
-    BatchNorm moving statistics; they change during `fit` whenever the layer
-    is `trainable`, even if the rules freeze its gamma and beta, so they are
-    saved for every trainable layer. Quantized layers' integer kernels and
-    scales are not state in this sense and are left out.
-    """
-    capable = _compat.trainable_capable(model)
-    wanted = {id(v) for v in model.trainable_weights}
-    for layer in _compat.flatten_layers(model):
-        if layer is model or not layer.trainable or getattr(layer, "quantization_mode", None):
-            continue
-        wanted.update(id(v) for v in _compat.own_state_variables(layer) if id(v) not in capable)
-    chosen, seen = [], {}
-    for v in model.weights:
-        if id(v) in wanted and id(v) not in seen:
-            seen[id(v)] = v
-            chosen.append(v)
-    return chosen
-
-
-def _lora_record(model) -> list[dict]:
-    """`[{"layer", "rank", "alpha"}]` for every layer with LoRA adapters."""
-    record = []
-    for path, layer in lora_layer_paths(model).items():
-        if _compat.lora_adapters(layer) is not None:
-            alpha = layer.lora_alpha
-            record.append({"layer": path, "rank": int(layer.lora_rank), "alpha": alpha})
-    return record
 
 
 def _text_digest(text: str) -> str:
@@ -179,42 +129,30 @@ def save_delta(model, path) -> None:
     assert keras_peft.get_rules(restored) == keras_peft.get_rules(model)
     ```
     """
-    from keras_peft import tf_keras
-
-    if tf_keras.is_tf_keras_model(model):
-        return tf_keras.save_delta(model, path)
-    _check_model(model, "save_delta")
-    if getattr(model, "_peft_merged", None):
+    backend = require_built(model, "save_delta", "save_delta with")
+    if state_of(model, backend).merged:
         raise ValueError(
             f"Model {model.name!r} is merged (keras_peft.merge): its base weights "
             "hold the adapters, which a delta does not save. Call "
             "keras_peft.unmerge(model) first, save, then merge again if needed."
         )
-    variables = _delta_variables(model)
-    counts: dict[str, int] = {}
-    for v in variables:
-        counts[v.path] = counts.get(v.path, 0) + 1
-    for p, n in counts.items():
-        if n > 1:
-            raise DuplicatePathError(p, n)
-    tensors = {v.path: np.ascontiguousarray(keras.ops.convert_to_numpy(v)) for v in variables}
-    from keras_peft import __version__
-
+    variables = backend.delta_variables(model)
+    path_of = dict(zip((id(v) for v in model.weights), backend.variable_paths(model)))
+    check_unique_paths([path_of[id(v)] for v in variables])
+    tensors = {path_of[id(v)]: backend.to_numpy(v) for v in variables}
     header = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "model": {
-            "name": model.name,
-            "class": getattr(model, "_peft_base_class", type(model)).__name__,
-        },
+        "model": backend.model_header(model),
         "rules": {p: r.get_config() for p, r in get_rules(model).items()} or None,
-        "lora": _lora_record(model),
+        "lora": common.lora_records(backend, model),
         "variables": {
-            v.path: {"shape": list(v.shape), "dtype": _dtype(v), "trainable": bool(v.trainable)}
+            path_of[id(v)]: {"shape": list(v.shape), "dtype": backend.dtype_name(v),
+                             "trainable": backend.saved_trainable(v)}
             for v in variables
         },
         "sha256": _digest(tensors),
-        "keras_version": keras.__version__,
+        "keras_version": backend.keras_version(),
         "keras_peft_version": __version__,
     }
     _write(tensors, os.fspath(path), {_METADATA_KEY: json.dumps(header)})
@@ -305,7 +243,7 @@ def _check_contents(header: dict, tensors: dict, what: str) -> None:
         )
 
 
-def _fit_saved_paths(model, header: dict, tensors: dict, record: list):
+def _fit_saved_paths(backend, model, header: dict, tensors: dict, record: list):
     """The delta's paths re-rooted at `model`'s own name, when the saved model's name differs.
 
     Paths address variables relative to the model: a model's own name is not
@@ -320,7 +258,7 @@ def _fit_saved_paths(model, header: dict, tensors: dict, record: list):
     """
     name = (header.get("model") or {}).get("name")
     old = f"{name}/"
-    paths = {v.path for v in model.weights}
+    paths = set(backend.variable_paths(model))
     new = f"{model.name}/" if any(p.startswith(f"{model.name}/") for p in paths) else ""
     if (not name or not tensors or old == new
             or not all(p.startswith(old) for p in tensors)
@@ -344,9 +282,9 @@ def _fit_saved_paths(model, header: dict, tensors: dict, record: list):
     return header, tensors, record
 
 
-def _plan_lora(model, record: list, path: str) -> tuple[list, dict]:
+def _plan_lora(backend, model, record: list, path: str) -> tuple[list, dict]:
     """Which layers need adapters, and the `{path: (shape, dtype)}` those will have."""
-    layers = lora_layer_paths(model)
+    layers = backend.lora_layer_paths(model)
     to_enable, expected, problems = [], {}, []
     for entry in record:
         name, rank, alpha = entry["layer"], entry["rank"], entry["alpha"]
@@ -354,7 +292,7 @@ def _plan_lora(model, record: list, path: str) -> tuple[list, dict]:
         if layer is None:
             problems.append(f"layer {name!r} is not in the model (or has no built-in LoRA)")
             continue
-        if _compat.lora_adapters(layer) is not None:
+        if backend.lora_adapters(layer) is not None:
             if not layer.lora_enabled or (layer.lora_rank, layer.lora_alpha) != (rank, alpha):
                 problems.append(
                     f"layer {name!r} already has LoRA (rank {layer.lora_rank}, "
@@ -362,14 +300,12 @@ def _plan_lora(model, record: list, path: str) -> tuple[list, dict]:
                     f"has rank {rank}, alpha {alpha}"
                 )
             continue  # same adapters already there: just assign them
-        reason = _compat.lora_blocker(layer)
+        reason = backend.lora_blocker(layer)
         if reason:
             problems.append(f"layer {name!r} cannot have LoRA: {reason}")
             continue
-        base_shape = tuple(_compat.lora_base_variable(layer).shape)
-        a_name, b_name = _compat.lora_adapter_names(layer)
-        expected[f"{name}/{a_name}"] = (base_shape[:-1] + (rank,), "float32")
-        expected[f"{name}/{b_name}"] = ((rank, base_shape[-1]), "float32")
+        for adapter, shape in backend.lora_adapter_shapes(layer, rank).items():
+            expected[f"{name}/{adapter}" if name else adapter] = (shape, "float32")
         to_enable.append((layer, rank, alpha))
     if problems:
         raise DeltaMismatchError(
@@ -388,8 +324,9 @@ _AUTO_NAME_HINT = (
 )
 
 
-def _check_fit(model, header: dict, tensors: dict, planned: dict, path: str) -> None:
-    expected = {v.path: (tuple(v.shape), _dtype(v)) for v in model.weights}
+def _check_fit(backend, model, header: dict, tensors: dict, planned: dict, path: str) -> None:
+    expected = {p: (tuple(v.shape), backend.dtype_name(v))
+                for p, v in zip(backend.variable_paths(model), model.weights)}
     expected.update(planned)
     saved_from = header.get("model", {})
     origin = f"model {saved_from.get('name')!r} ({saved_from.get('class')})"
@@ -488,15 +425,28 @@ def load_delta(model, path):
                                atol=1e-6)
     ```
     """
-    from keras_peft import tf_keras
-
-    if tf_keras.is_tf_keras_model(model):
-        return tf_keras.load_delta(model, path)
-    _check_model(model, "load_delta")
+    backend = require_built(model, "load_delta")
     path = os.fspath(path)
     header, tensors = _read(path)
+    record = _lora_record_of(header, path)
+    header, tensors, record = _fit_saved_paths(backend, model, header, tensors, record)
+    to_enable, planned = _plan_lora(backend, model, record, path)
+    _check_fit(backend, model, header, tensors, planned, path)
+    _apply(backend, model, header, tensors, to_enable)
+    if to_enable:
+        names = {id(layer): p for p, layer in backend.lora_layer_paths(model).items()}
+        groups: dict = {}
+        for layer, rank, alpha in to_enable:
+            groups.setdefault((rank, alpha), []).append(names[id(layer)])
+        for (r, a), layers in groups.items():
+            state_of(model).add_lora(
+                {"rank": r, "alpha": a, "targets": None, "layers": layers, "source": path})
+    return model
+
+
+def _lora_record_of(header: dict, path: str) -> list[dict]:
     try:
-        record = [
+        return [
             {"layer": str(e["layer"]), "rank": int(e["rank"]), "alpha": e["alpha"]}
             for e in header.get("lora") or []
         ]
@@ -504,22 +454,24 @@ def load_delta(model, path):
         raise DeltaFileError(
             f"Cannot read delta file {path!r}: its LoRA record is damaged ({e})."
         ) from None
-    header, tensors, record = _fit_saved_paths(model, header, tensors, record)
-    to_enable, planned = _plan_lora(model, record, path)
-    _check_fit(model, header, tensors, planned, path)
 
-    # Every check passed: change the model. What follows should not fail; if
-    # it does, values and flags are put back (added adapters are switched off).
-    flags = [(v, v.trainable) for v in model.weights]
-    values = [
-        (v, np.array(keras.ops.convert_to_numpy(v))) for v in model.weights if v.path in tensors
-    ]
+
+def _apply(backend, model, header: dict, tensors: dict, to_enable: list) -> None:
+    """Adds the adapters, assigns the values and wraps; on a failure, puts everything back.
+
+    Every check has passed when this runs, so nothing should fail; if
+    something does, values and flags are put back (added adapters are
+    switched off) before the error propagates.
+    """
+    flags = {id(v): v.trainable for v in model.weights}
+    paths = dict(zip((id(v) for v in model.weights), backend.variable_paths(model)))
+    values = [(v, backend.to_numpy(v)) for v in model.weights if paths[id(v)] in tensors]
     enabled = []
     try:
         for layer, rank, alpha in to_enable:
-            layer.enable_lora(rank, lora_alpha=alpha)
+            backend.enable_lora(layer, rank, alpha)
             enabled.append(layer)
-        by_path = {v.path: v for v in model.weights}
+        by_path = dict(zip(backend.variable_paths(model), model.weights))
         for p, value in tensors.items():
             by_path[p].assign(value)
         if header.get("rules"):
@@ -527,22 +479,9 @@ def load_delta(model, path):
     except BaseException:
         for v, value in values:
             v.assign(value)
-        for v, flag in flags:
-            v.trainable = flag
+        backend.set_trainable(model, [], model.weights, flags, {})
         for layer in enabled:
-            _compat.set_lora_enabled(layer, False)
-        _compat.reset_compiled_functions(model)
+            backend.set_lora_enabled(layer, False)
+        backend.reset_compiled_functions(model)
         raise
-    _compat.reset_compiled_functions(model)
-    if to_enable:
-        groups: dict = {}
-        for layer, rank, alpha in to_enable:
-            groups.setdefault((rank, alpha), []).append(_layer_path(layer))
-        model._peft_lora = [
-            *getattr(model, "_peft_lora", []),
-            *(
-                {"rank": r, "alpha": a, "targets": None, "layers": layers, "source": path}
-                for (r, a), layers in groups.items()
-            ),
-        ]
-    return model
+    backend.reset_compiled_functions(model)

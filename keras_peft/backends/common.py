@@ -1,0 +1,92 @@
+"""Walks shared by both backends, over the primitives each one passes in."""
+
+from __future__ import annotations
+
+__all__ = ["as_class", "in_model_order", "layer_flags_shown_as", "lora_records", "walk_frozen"]
+
+
+def walk_frozen(model, own_variables, children, *, own_flag: bool) -> dict[int, str]:
+    """`{id(variable): layer name}` of the variables held by layers frozen the Keras way.
+
+    With `own_flag` (Keras 3), a variable counts only when its own layer is
+    frozen (named by the outermost layer of the frozen chain above it);
+    without (tf.keras), every variable below a frozen layer counts (named by
+    that layer).
+    """
+    held: dict[int, str] = {}
+    seen: set[int] = set()
+
+    def visit(layer, top):
+        if id(layer) in seen:
+            return
+        seen.add(id(layer))
+        if not layer.trainable:
+            top = top or layer.name
+        elif own_flag:
+            top = None
+        if top is not None:
+            for v in own_variables(layer):
+                held.setdefault(id(v), top)
+        for child in children(layer):
+            visit(child, top)
+
+    visit(model, None)
+    return held
+
+
+def lora_records(backend, model) -> list[dict]:
+    """`[{"layer", "rank", "alpha"}]` for every layer of `model` that has LoRA adapters."""
+    return [
+        {"layer": path, "rank": int(layer.lora_rank), "alpha": layer.lora_alpha}
+        for path, layer in backend.lora_layer_paths(model).items()
+        if backend.lora_adapters(layer) is not None
+    ]
+
+
+class layer_flags_shown_as:  # a context manager, named like a function
+    """Makes `layer.trainable` read as given, for `{layer: bool}`, without side effects.
+
+    `model.summary(show_trainable=True)` prints each layer's `trainable`
+    flag; the public setter would also set every variable's flag, so the
+    backing attribute `_trainable` (the same in Keras 3 and tf.keras) is
+    swapped for the duration of the summary and put back after.
+    """
+
+    def __init__(self, flags: dict):
+        self.flags = flags
+
+    def __enter__(self):
+        self.saved = [(layer, layer._trainable) for layer in self.flags]
+        for layer, flag in self.flags.items():
+            layer._trainable = flag
+
+    def __exit__(self, *exc):
+        for layer, flag in self.saved:
+            layer._trainable = flag
+
+
+class as_class:  # a context manager, named like a function
+    """Gives `model` another class for a while (serialization as its base class).
+
+    `object.__setattr__`: tf.keras' `__setattr__` would track the class.
+    """
+
+    def __init__(self, model, cls):
+        self.model, self.cls = model, cls
+
+    def __enter__(self):
+        self.saved = self.model.__class__
+        object.__setattr__(self.model, "__class__", self.cls)
+
+    def __exit__(self, *exc):
+        object.__setattr__(self.model, "__class__", self.saved)
+
+
+def in_model_order(model, wanted: set[int]) -> list:
+    """The variables of `model` whose ids are in `wanted`, once each, in `model.weights` order."""
+    chosen, seen = [], set()
+    for v in model.weights:
+        if id(v) in wanted and id(v) not in seen:
+            seen.add(id(v))
+            chosen.append(v)
+    return chosen

@@ -1,0 +1,1 @@
+"""The class a wrapped model gets, one per Keras (see `keras_peft.model.PeftModel`)."""
