@@ -10,6 +10,7 @@ import tensorflow as tf
 
 import keras_peft
 from keras_peft import Rule
+from keras_peft.state import state_of
 from tests.conftest import changed, compile_fit, regression_data, snapshot, tiny_mlp
 from tests.helpers import tiny_bert_classifier
 
@@ -211,7 +212,7 @@ def test_wrapped_model_trains_the_selection_and_report_shows_rgn():
         assert re.search(r"rgn=[0-9.e+-]+", rows[layer].note), rows[layer].note
     assert "(head)" in rows["mlp/head"].note
     scales = {s["path"]: s["lr_scale"] for s in result.stats if s["trainable"]}
-    assert model._peft_scales == {p: (s, 1.0) for p, s in scales.items() if s != 1.0}
+    assert state_of(model).scales == {p: (s, 1.0) for p, s in scales.items() if s != 1.0}
 
 
 

@@ -8,6 +8,7 @@ import pytest
 
 import keras_peft
 from keras_peft import Rule
+from keras_peft.state import state_of
 from tests.conftest import compile_fit, regression_data, snapshot, tiny_mlp
 
 
@@ -176,7 +177,7 @@ def test_a_sequential_saved_with_exact_path_rules_loads_and_trains(tmp_path, str
 
 def test_rules_that_fit_no_reloaded_path_still_fail_clearly():
     rebuilt = keras.Sequential.from_config(tiny_mlp().get_config())
-    fitted = keras_peft.model.fit_rules_to_model(
+    fitted = keras_peft.policy.fit_rules_to_model(
         rebuilt, {r"mlp/block_0/.*": Rule(trainable=False), ".*": Rule()})
     assert list(fitted) == [r"block_0/.*", ".*"]
     # One pattern fits nothing even without the prefix: the original error, unchanged
@@ -184,10 +185,10 @@ def test_rules_that_fit_no_reloaded_path_still_fail_clearly():
     rules = {r"mlp/block_0/.*": Rule(trainable=False), r"mlp/nothing/.*": Rule(lr_scale=0.5)}
     with pytest.raises(keras_peft.UnmatchedRuleError,
                        match=r"(?s)'mlp/block_0/\.\*' matched no.*block_0/kernel"):
-        keras_peft.model.fit_rules_to_model(rebuilt, rules)
+        keras_peft.policy.fit_rules_to_model(rebuilt, rules)
     # A model whose paths carry its name is left alone: its rules are the user's to fix.
     with pytest.raises(keras_peft.UnmatchedRuleError, match=r"'block_0/\.\*' matched no"):
-        keras_peft.model.fit_rules_to_model(tiny_mlp(), {r"block_0/.*": Rule()})
+        keras_peft.policy.fit_rules_to_model(tiny_mlp(), {r"block_0/.*": Rule()})
 
 def test_files_stay_compatible_with_plain_models(tmp_path):
     wrapped = keras_peft.wrap(tiny_mlp(seed=1), {r".*block_0/.*": Rule(trainable=False)})
@@ -226,7 +227,7 @@ def test_state_that_does_not_fit_raises_a_clear_error(tmp_path):
 
 def test_skipped_step_counter_is_saved(tmp_path):
     model = keras_peft.wrap(tiny_mlp(), {".*": Rule()}, skip_nonfinite=True)
-    model._peft_nonfinite.skipped.assign(7)
+    state_of(model).nonfinite.skipped.assign(7)
     model.save_weights(tmp_path / "w.weights.h5")
     other = keras_peft.wrap(tiny_mlp(), {".*": Rule()}, skip_nonfinite=True)
     other.load_weights(tmp_path / "w.weights.h5")
@@ -261,13 +262,14 @@ def test_keras_hub_classifier_with_lora_round_trips_exactly(tmp_path):
 
 
 def test_saved_adapters_on_a_layer_the_rebuilt_model_lacks_fail_clearly():
+    from keras_peft.backends import keras3
     from keras_peft.model import _restore_lora_layers
 
     model = tiny_mlp()
     with pytest.raises(ValueError, match=r"LoRA adapters on 1 layer\(s\) .* \['mlp/nope'\]"):
-        _restore_lora_layers(model, [{"layer": "mlp/nope", "rank": 2, "alpha": 2.0}])
+        _restore_lora_layers(keras3, model, [{"layer": "mlp/nope", "rank": 2, "alpha": 2.0}])
     assert not [v for v in model.weights if "lora" in v.path]
     rebuilt = keras.Sequential.from_config(model.get_config())  # paths without "mlp/"
-    _restore_lora_layers(rebuilt, [{"layer": "mlp/block_0", "rank": 2, "alpha": 4.0}])
+    _restore_lora_layers(keras3, rebuilt, [{"layer": "mlp/block_0", "rank": 2, "alpha": 4.0}])
     layer = rebuilt.get_layer("block_0")
     assert (layer.lora_rank, layer.lora_alpha) == (2, 4.0)

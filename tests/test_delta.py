@@ -11,6 +11,7 @@ import safetensors.numpy
 
 import keras_peft
 from keras_peft import Rule
+from keras_peft.state import state_of
 from tests.conftest import compile_fit, regression_data, tiny_mlp
 from tests.helpers import tiny_bert_classifier
 
@@ -68,7 +69,7 @@ def test_lora_delta_round_trip_restores_predictions_rules_and_flags(tmp_path):
         (v.path, v.trainable) for v in model.weights
     ]
     assert fresh.get_layer("block_0").lora_alpha == 4
-    assert fresh._peft_lora[-1]["layers"] == ["mlp/block_0", "mlp/block_1"]
+    assert state_of(fresh).lora[-1]["layers"] == ["mlp/block_0", "mlp/block_1"]
     compile_fit(fresh)  # and it trains on
 
 

@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 
 import keras_peft
-from keras_peft import Rule, _compat
+from keras_peft import Rule
+from keras_peft.backends import keras3
 from keras_peft.caching import cache_prefix
 from tests.conftest import regression_data, tiny_mlp
 
@@ -110,7 +111,7 @@ def test_unmerge_restores_the_base_weights_up_to_float32_rounding():
     for v in model.trainable_weights:  # stand-in for training: every adapter non-zero
         v.assign(rng.normal(size=v.shape).astype("float32"))
     layers = keras_peft.lora_layer_paths(model)
-    bases = {p: _compat.lora_base_variable(layers[p]) for p in ("mlp/block_0", "mlp/block_1")}
+    bases = {p: keras3.lora_base_variable(layers[p]) for p in ("mlp/block_0", "mlp/block_1")}
     before = {p: b.numpy().copy() for p, b in bases.items()}
     keras_peft.merge(model)
     assert not np.allclose(bases["mlp/block_0"].numpy(), before["mlp/block_0"])  # merged

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 import keras_peft
-from keras_peft import Rule, _compat
+from keras_peft import Rule
+from keras_peft.backends import keras3
+from keras_peft.state import state_of
 from tests.conftest import changed, compile_fit, regression_data, snapshot, tiny_mlp
 from tests.helpers import tiny_bert_classifier
 
@@ -67,7 +69,7 @@ def test_bert_lora_trains_only_adapters_and_head_base_kernels_bit_identical():
     assert moved <= ADAPTERS | {"logits/kernel", "logits/bias"}
     assert moved >= {p for p in ADAPTERS if p.endswith("_b")} | {"logits/kernel", "logits/bias"}
     for p in QV:
-        base = _compat.lora_base_variable(layers[p])
+        base = keras3.lora_base_variable(layers[p])
         np.testing.assert_array_equal(base.numpy(), before[base.path])  # bit-identical
         assert not np.allclose(layers[p].kernel.numpy(), effective[p])  # effective moved
     slots = {v.path for v in model.optimizer.variables} - {"adam/iteration", "adam/learning_rate"}
@@ -90,7 +92,7 @@ def test_adapters_are_float32_with_keras_shapes_and_record():
         "dense/lora_kernel_b": (2, 3),
     }
     assert {v.dtype for v in model.weights if "lora" in v.path} == {"float32"}
-    assert model._peft_lora == [
+    assert state_of(model).lora == [
         {
             "rank": 2,
             "alpha": 8,
@@ -214,21 +216,21 @@ def test_merge_equals_adapted_model_and_unmerge_restores():
         p: layer.embeddings.numpy() if p == "embed" else layer.kernel.numpy()
         for p, layer in layers.items()
     }
-    base = {p: _compat.lora_base_variable(layer).numpy() for p, layer in layers.items()}
+    base = {p: keras3.lora_base_variable(layer).numpy() for p, layer in layers.items()}
     before = model.predict(x, verbose=0)  # traced with the adapters in
 
     assert keras_peft.merge(model) is model
     for p, layer in layers.items():
         assert not layer.lora_enabled
         np.testing.assert_allclose(
-            _compat.lora_base_variable(layer).numpy(), effective[p], atol=1e-6
+            keras3.lora_base_variable(layer).numpy(), effective[p], atol=1e-6
         )
     np.testing.assert_allclose(model.predict(x, verbose=0), before, atol=1e-5)
 
     keras_peft.unmerge(model)
     for p, layer in layers.items():
         assert layer.lora_enabled
-        np.testing.assert_allclose(_compat.lora_base_variable(layer).numpy(), base[p], atol=1e-6)
+        np.testing.assert_allclose(keras3.lora_base_variable(layer).numpy(), base[p], atol=1e-6)
     np.testing.assert_allclose(model.predict(x, verbose=0), before, atol=1e-5)
 
 

@@ -7,6 +7,7 @@ import tensorflow as tf
 
 import keras_peft
 from keras_peft import Rule
+from keras_peft.state import state_of
 from tests.conftest import regression_data, snapshot, tiny_mlp
 
 BATCH = 16
@@ -197,11 +198,11 @@ def test_option_is_saved_with_the_model_and_kept_by_rewrapping(tmp_path):
                             max_consecutive_nonfinite=4)
     assert model.get_config()["skip_nonfinite"] == {"max_consecutive": 4}
     keras_peft.wrap(model, {r".*head/.*": Rule(trainable=False)})  # None: keep
-    assert model._peft_nonfinite.max_consecutive == 4
+    assert state_of(model).nonfinite.max_consecutive == 4
     model.compile(optimizer="adam", loss="mse")
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
-    assert loaded._peft_nonfinite.max_consecutive == 4
+    assert state_of(loaded).nonfinite.max_consecutive == 4
     keras_peft.wrap(model, {".*": Rule()}, skip_nonfinite=False)
     assert "skip_nonfinite" not in model.get_config()
     assert model.peft_skipped_steps == 0

@@ -9,7 +9,8 @@ import tensorflow as tf
 
 import keras_peft
 from keras_peft import Rule
-from keras_peft.unfreezing import FROZEN_NOTE
+from keras_peft.state import state_of
+from keras_peft.strategies.unfreezing import FROZEN_NOTE
 from tests.conftest import changed, regression_data, snapshot
 
 STEM = {"net/embed/kernel", "net/embed/bias"}
@@ -152,10 +153,10 @@ def test_base_policy_keeps_deciding_what_is_unfrozen():
     assert {p for p in ("net/embed/kernel", "net/block_0/bias", "net/block_1/bias")
             if re.fullmatch(frozen_pattern, p)} == {"net/embed/kernel", "net/block_0/bias"}
     assert list(rules)[1:] == list(base) and list(rules.values())[1:] == list(base.values())
-    assert model._peft_scales == {p: (0.5, 1.0) for p in B1}
+    assert state_of(model).scales == {p: (0.5, 1.0) for p in B1}
     callback.on_epoch_begin(3)
     assert model.peft_rules == base and trainable(model) == STAGES[3]
-    assert model._peft_scales["net/embed/kernel"] == (0.125, 1.0)
+    assert state_of(model).scales["net/embed/kernel"] == (0.125, 1.0)
 
 
 class _no_shadow_warning:

@@ -440,6 +440,11 @@ def deserialize_base(config: dict, custom_objects: dict):
 as_class = common.as_class
 
 
+def config_has_lora() -> bool:
+    """Whether the wrapped model's config lists its LoRA adapters (always, in Keras 3)."""
+    return True
+
+
 def register_wrapped_class(cls, loader) -> None:
     """Every wrapped class serializes under one registered name, resolved to `loader`."""
     keras.saving.register_keras_serializable(package="keras_peft", name="PeftModel")(cls)
