@@ -240,7 +240,8 @@ class _Loader:
 _LOADERS: dict[str, type] = {}
 
 
-def _loader(backend) -> type:
+def loader_for(backend) -> type:
+    """The class that `keras_peft>PeftModel` resolves to in `backend`'s saved files."""
     if backend.NAME not in _LOADERS:
         _LOADERS[backend.NAME] = type(f"_Loader_{backend.NAME}", (_Loader,), {"backend": backend})
     return _LOADERS[backend.NAME]
@@ -255,7 +256,7 @@ def _peft_class(backend, base_cls: type) -> type:
         cls = type(f"Peft{base_cls.__name__}", (mixin, base_cls), namespace)
         # Every wrapped class serializes under one registered name, whose
         # from_config rebuilds the base model and wraps it again.
-        backend.register_wrapped_class(cls, _loader(backend))
+        backend.register_wrapped_class(cls, loader_for(backend))
         _CLASS_CACHE[base_cls] = cls
     return _CLASS_CACHE[base_cls]
 

@@ -13,6 +13,7 @@ from keras_peft.backends.tf_keras import (
     legacy_keras_active,
     require_legacy_keras,
 )
+from keras_peft.wrapped import tf_keras as _wrapped
 from keras_peft.wrapped.tf_keras import TfKerasPeftModel
 
 __all__ = [
@@ -22,3 +23,9 @@ __all__ = [
     "legacy_keras_active",
     "require_legacy_keras",
 ]
+
+
+def __getattr__(name):
+    # Files saved before keras-peft 0.1's backends/ name this module as their
+    # wrapped class's module (`keras_peft.tf_keras.PeftSequential`).
+    return _wrapped.__getattr__(name)

@@ -223,11 +223,6 @@ def test_keras3_dot_keras_file_loads_in_a_fresh_process():
     load_in_fresh_process("keras3", "keras3_lora.keras", "keras3_expected.json")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "keras_peft registers its tf.keras loader ('keras_peft>PeftModel') only when it "
-    "wraps a tf.keras model, so a fresh process cannot load a tf.keras .keras file: "
-    "TypeError 'Could not deserialize class PeftSequential because its parent module "
-    "tf_keras_peft.tf_keras cannot be imported'. Remove this marker once it is fixed."))
 def test_tf_keras_dot_keras_file_loads_in_a_fresh_process():
     pytest.importorskip("tf_keras")
     load_in_fresh_process("tf_keras", "tf_keras_lora.keras", "tf_keras_expected.json")

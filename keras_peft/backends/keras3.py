@@ -448,6 +448,12 @@ def config_has_lora() -> bool:
 def register_wrapped_class(cls, loader) -> None:
     """Every wrapped class serializes under one registered name, resolved to `loader`."""
     keras.saving.register_keras_serializable(package="keras_peft", name="PeftModel")(cls)
+    register_loader(loader)
+
+
+def register_loader(loader) -> None:
+    """Makes saved wrapped models load as `loader.from_config` (the registration above
+    replaced it with the last wrapped class)."""
     keras.saving.get_custom_objects()["keras_peft>PeftModel"] = loader
 
 

@@ -1,13 +1,15 @@
-"""keras-peft on tf.keras (Keras 2) models: everything specific to them, in one place.
+"""The tf.keras (Keras 2) backend: keras-peft's primitives for tf.keras models, and
+every private tf.keras API that keras-peft touches.
 
 tensorflow-recommenders (TFRS) and much older code build models with
 `tf.keras`, which is the `tf_keras` package (Keras 2.x) when the environment
 variable `TF_USE_LEGACY_KERAS=1` is set before TensorFlow is imported; `import
-keras` is still Keras 3 in the same process. `keras_peft.wrap`, `report`,
-`variable_paths`, the strategies, `lora` and `save_delta`/`load_delta` call
-into this module when they receive a tf.keras model. Rule resolution
-(`keras_peft.rules`) and the update arithmetic (`keras_peft.update`) are the
-same for both Keras versions.
+keras` is still Keras 3 in the same process. `keras_peft.backends.backend_for`
+returns this module for a tf.keras model, and `wrap`, `report`, the
+strategies, `lora` and the deltas call the functions under "Backend
+interface" (the same as `keras_peft.backends.keras3`'s). Rule resolution
+(`keras_peft.rules`, `keras_peft.policy`) and the update arithmetic
+(`keras_peft.update`) are the same for both Keras versions.
 
 What differs from Keras 3, and how this module handles it:
 
@@ -19,21 +21,9 @@ What differs from Keras 3, and how this module handles it:
   `:0`, e.g. `query/user_embedding/embeddings`. The model's own name is left
   out, so a fresh copy of a model (auto-named `model_1`) has the same paths.
   Two variables with one path raise `DuplicatePathError`.
-- **Freezing.** `tf.Variable.trainable` is read-only, and a tf.keras layer's
-  `trainable=False` hides every variable below it. A rule that freezes a
-  variable removes it from the wrapped model's `trainable_weights` (it moves
-  to `non_trainable_weights`); the train step takes gradients of
-  `trainable_weights` only, so no gradient is computed for a frozen variable,
-  the optimizer creates no slots for it, and its value stays bit-identical.
-  Layers' own `trainable` flags are left alone (BatchNormalization keeps its
-  training-mode behaviour, as with Keras 3 rules). A rule cannot train a
-  variable that a `trainable=False` layer hides: `wrap` raises and says so.
-- **The train step.** A plain `tf.keras.Model` gets the standard tf.keras step
-  (forward, `compute_loss`, gradients, `compute_metrics`); a `tfrs.Model`
-  gets TFRS' own (its `compute_loss(inputs, training=True)` plus
-  regularization losses, and the same metrics dict). Both hand the gradients
-  to `keras_peft.update.apply_scaled_gradients`. A model whose class defines
-  another `train_step` is refused: keras-peft would silently bypass it.
+- **Freezing** and **the train step**: see `keras_peft.wrapped.tf_keras`.
+  A rule cannot train a variable that a `trainable=False` layer hides:
+  `wrap` raises and says so.
 - **Optimizers.** A tf.keras (2.11+) optimizer builds slots once, for the
   variables of its first step; when more variables become trainable later,
   the optimizer is rebuilt with slots for them, keeping the state it had.
@@ -96,6 +86,11 @@ def is_tf_keras_model(obj) -> bool:
 def is_tf_keras_layer(obj) -> bool:
     module = sys.modules.get("tf_keras")
     return module is not None and isinstance(obj, module.layers.Layer)
+
+
+def legacy_keras_loaded() -> bool:
+    """Whether the tf_keras package is imported in this process (never imports it)."""
+    return "tf_keras" in sys.modules
 
 
 def legacy_keras_active() -> bool:
@@ -543,7 +538,11 @@ as_class = common.as_class
 def register_wrapped_class(cls, loader) -> None:
     tf_keras = _tfk()
     tf_keras.saving.register_keras_serializable(package="keras_peft", name="PeftModel")(cls)
-    tf_keras.saving.get_custom_objects()["keras_peft>PeftModel"] = loader
+    register_loader(loader)
+
+
+def register_loader(loader) -> None:
+    _tfk().saving.get_custom_objects()["keras_peft>PeftModel"] = loader
 
 
 def delta_variables(model) -> list:

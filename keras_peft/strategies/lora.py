@@ -364,18 +364,24 @@ def merge(model):
             "weights are integers. Merge before quantizing (on a float model), or "
             "serve with the adapters enabled."
         )
-    # Compute every new value before the first assignment.
-    merged = {}
-    for p, layer in enabled.items():
-        base = keras3.lora_base_variable(layer)
-        value = ops.add(ops.cast(base, "float32"), _delta(layer))
-        merged[p] = (layer, base, ops.cast(value, base.dtype))
-    for layer, base, value in merged.values():
-        base.assign(value)
-        keras3.set_lora_enabled(layer, False)
-    keras3.reset_compiled_functions(model)
-    state_of(model).merged = list(merged)
+    _fold(model, enabled, ops.add, enable=False)
+    state_of(model).merged = list(enabled)
     return model
+
+
+def _fold(model, layers: dict, op, *, enable: bool) -> None:
+    """`base = op(base, alpha / rank * A @ B)` for each layer (in float32), then the
+    adapters in or out of the forward pass; every value is computed before the first
+    assignment."""
+    values = []
+    for layer in layers.values():
+        base = keras3.lora_base_variable(layer)
+        values.append((layer, base, ops.cast(op(ops.cast(base, "float32"), _delta(layer)),
+                                             base.dtype)))
+    for layer, base, value in values:
+        base.assign(value)
+        keras3.set_lora_enabled(layer, enable)
+    keras3.reset_compiled_functions(model)
 
 
 def unmerge(model):
@@ -398,15 +404,6 @@ def unmerge(model):
     missing = [p for p in paths if p not in adapted]
     if missing:  # pragma: no cover - the model's layers were replaced
         raise ValueError(f"Merged layers {missing[:5]} are no longer in model {model.name!r}.")
-    restored = {}
-    for p in paths:
-        layer = adapted[p]
-        base = keras3.lora_base_variable(layer)
-        value = ops.subtract(ops.cast(base, "float32"), _delta(layer))
-        restored[p] = (layer, base, ops.cast(value, base.dtype))
-    for layer, base, value in restored.values():
-        base.assign(value)
-        keras3.set_lora_enabled(layer, True)
-    keras3.reset_compiled_functions(model)
+    _fold(model, {p: adapted[p] for p in paths}, ops.subtract, enable=True)
     state_of(model).merged = []
     return model

@@ -19,7 +19,7 @@ import tensorflow as tf
 from keras_peft import nonfinite
 from keras_peft.backends import keras3
 from keras_peft.checkpoints import weights as checkpoint
-from keras_peft.model import PeftModel
+from keras_peft.model import PeftModel, loader_for
 from keras_peft.policy import sync_optimizer
 from keras_peft.state import state_of
 from keras_peft.update import apply_scaled_gradients, apply_scaled_gradients_if_finite
@@ -134,3 +134,7 @@ class Keras3PeftModel(PeftModel, backend=keras3.NAME):
     def load_weights(self, filepath, skip_mismatch=False, **kwargs):
         super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
         checkpoint.after_load(self)
+
+
+# Saved wrapped models load in a process that has wrapped nothing yet.
+keras3.register_loader(loader_for(keras3))

@@ -20,7 +20,7 @@ import warnings
 import tensorflow as tf
 
 from keras_peft.backends import tf_keras
-from keras_peft.model import PeftModel
+from keras_peft.model import PeftModel, loader_for
 from keras_peft.policy import sync_optimizer
 from keras_peft.state import state_of
 from keras_peft.update import apply_scaled_gradients
@@ -52,7 +52,11 @@ class TfKerasPeftModel(PeftModel, backend=tf_keras.NAME):
         return hidden + list(super().non_trainable_weights)
 
     # -------------------------------------------------------------- training
-    def _peft_apply(self, tape, loss, variables):
+    def _peft_apply(self, tape, loss):
+        variables = self.trainable_variables
+        if not variables:
+            warnings.warn("The model does not have any trainable weights.", stacklevel=3)
+            return
         scaler = _optimizer_for_scaling(self.optimizer)
         gradients = tape.gradient(loss, variables)
         if scaler is not None:
@@ -81,12 +85,7 @@ class TfKerasPeftModel(PeftModel, backend=tf_keras.NAME):
             loss = self.compute_loss(x, y, y_pred, sample_weight)
             scaled = self._peft_scaled(loss)
 
-        # Gradients of the trainable variables only, scaled per variable
-        variables = self.trainable_variables
-        if variables:
-            self._peft_apply(tape, scaled, variables)
-        else:
-            warnings.warn("The model does not have any trainable weights.", stacklevel=2)
+        self._peft_apply(tape, scaled)  # the trainable variables only, scaled per variable
         return self.compute_metrics(x, y, y_pred, sample_weight)
 
     def _peft_tfrs_train_step(self, inputs):
@@ -99,11 +98,7 @@ class TfKerasPeftModel(PeftModel, backend=tf_keras.NAME):
             total_loss = loss + regularization_loss
             scaled = self._peft_scaled(total_loss)
 
-        variables = self.trainable_variables
-        if variables:
-            self._peft_apply(tape, scaled, variables)
-        else:
-            warnings.warn("The model does not have any trainable weights.", stacklevel=2)
+        self._peft_apply(tape, scaled)
 
         metrics = {metric.name: metric.result() for metric in self.metrics}
         metrics["loss"] = loss
@@ -160,3 +155,16 @@ class TfKerasPeftModel(PeftModel, backend=tf_keras.NAME):
         keras_format = save_format == "keras" or path.endswith(".keras")
         with tf_keras.saving_keras_format(keras_format):
             return super().save(filepath, *args, **kwargs)
+
+
+if tf_keras.legacy_keras_loaded():  # (else the module-level `__getattr__` below resolves it)
+    tf_keras.register_loader(loader_for(tf_keras))
+
+
+def __getattr__(name):
+    # tf.keras loads a class that is not registered in this process (nothing was
+    # wrapped yet) from the module and name saved with it: a wrapped class
+    # (`Peft<Base>`) resolves to the loader, which rebuilds the base and wraps it.
+    if name.startswith("Peft"):
+        return loader_for(tf_keras)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
