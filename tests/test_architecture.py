@@ -156,3 +156,12 @@ def test_recipes_use_only_public_keras_peft_names():
                         a.name.startswith("_") for a in node.names):
                     private.setdefault(path.name, []).append(node.module)
     assert private == {}
+
+
+def test_both_backends_define_the_whole_interface():
+    from keras_peft import backends
+
+    for backend in (backends.keras3, backends.tf_keras):
+        missing = [name for name in backends.INTERFACE if not hasattr(backend, name)]
+        assert missing == [], backend.__name__
+    assert {backends.keras3.NAME, backends.tf_keras.NAME} == {"keras3", "tf_keras"}

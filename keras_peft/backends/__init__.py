@@ -15,7 +15,28 @@ import keras
 
 from keras_peft.backends import keras3, tf_keras
 
-__all__ = ["backend_for", "backend_of_layer", "require_built", "keras3", "tf_keras"]
+__all__ = ["INTERFACE", "backend_for", "backend_of_layer", "require_built", "keras3", "tf_keras"]
+
+INTERFACE = (
+    # what a backend is called and says in errors
+    "NAME", "LORA_LAYERS", "BUILD_HINT", "keras_version",
+    # the model's structure
+    "is_built", "flatten_layers", "direct_sublayers", "own_variables", "variable_paths",
+    "variable_owners", "trainable_capable", "frozen_by_layer", "hidden_by_layers",
+    # wrapping, trainability and the optimizer
+    "check_wrappable", "set_trainable", "restore_trainable", "layer_flags_shown_as",
+    "optimizer_variables", "optimizer_needs_rebuild", "rebuild_optimizer",
+    "reset_compiled_functions",
+    # saving a wrapped model
+    "serialize_base", "deserialize_base", "config_has_lora", "register_wrapped_class",
+    "register_loader",
+    # LoRA
+    "lora_layer_paths", "lora_adapters", "lora_base_variable", "lora_already", "lora_blocker",
+    "lora_adapter_shapes", "enable_lora", "set_lora_enabled",
+    # deltas
+    "delta_variables", "dtype_name", "to_numpy", "saved_trainable", "model_header",
+)
+"""The names every backend module defines, with the same meaning (see docs/architecture.md)."""
 
 
 def backend_for(model, action: str = "wrap") -> ModuleType:

@@ -405,6 +405,7 @@ def restore_trainable(model, original) -> None:
 def optimizer_variables(optimizer) -> list[int] | None:
     """Ids of the variables the optimizer was built with, in order; None while unbuilt."""
     inner = inner_optimizer(optimizer)
+    # private: the built-with list is what Keras saves the optimizer's slots in the order of
     return [id(v) for v in inner._trainable_variables] if inner.built else None
 
 

@@ -126,11 +126,13 @@ def require_legacy_keras(what: str = "tensorflow-recommenders") -> None:
 
 def flatten_layers(model) -> list:
     """Every tf.keras layer of `model`, itself included (private `_flatten_layers`)."""
+    # private: tf.keras has no public recursive walk that reaches custom layers' sublayers
     return list(model._flatten_layers(include_self=True, recursive=True))
 
 
 def direct_sublayers(layer) -> list:
     """The layers tracked directly by `layer` (private `_flatten_layers`, one level)."""
+    # private: `layer.layers` exists on models only, not on custom layers holding layers
     return list(layer._flatten_layers(include_self=False, recursive=False))
 
 
@@ -156,7 +158,7 @@ def check_not_mixed(model) -> None:
         return
     if "tf_keras" not in sys.modules:
         return
-    for layer in model._flatten_layers(include_self=True, recursive=True):
+    for layer in flatten_layers(model):
         for name, value in _attributes(layer):
             if is_tf_keras_layer(value):
                 raise MixedKerasError(
@@ -198,6 +200,7 @@ def _short_name(variable, layer_name: str) -> str:
 
 def own_variables(layer) -> list:
     """The variables `layer` created itself (not those of its sublayers)."""
+    # private: the public lists include sublayers' variables and follow the layer's flag
     return list(layer._trainable_weights) + list(layer._non_trainable_weights)
 
 
@@ -212,7 +215,7 @@ def _path_map(model) -> dict[int, str]:
         visited.add(id(layer))
         for v in own_variables(layer):
             out.setdefault(id(v), prefix + _short_name(v, layer.name))
-        for child in layer._flatten_layers(include_self=False, recursive=False):
+        for child in direct_sublayers(layer):
             visit(child, f"{prefix}{child.name}/")
 
     visit(model, "")
@@ -250,6 +253,7 @@ def variable_owners(model) -> dict[int, object]:
 
 def trainable_capable(model) -> set[int]:
     """Ids of the variables created trainable (BatchNorm statistics are not)."""
+    # private: `_trainable_weights` holds what was created trainable, whatever the flags say
     return {id(v) for layer in flatten_layers(model) for v in layer._trainable_weights}
 
 
@@ -462,12 +466,14 @@ def optimizer_variables(optimizer) -> list[int] | None:
     inner = _built_inner(optimizer)
     if inner is None:
         return None
+    # private: `_variables`, `_var_key` and `_index_dict` are the optimizer's slot table
     return [id(v) for v in sorted(inner._variables, key=lambda v: inner._index_dict.get(
         inner._var_key(v), -1)) if inner._var_key(v) in inner._index_dict]
 
 
 def optimizer_needs_rebuild(optimizer, variables) -> bool:
     inner = _built_inner(optimizer)
+    # private: `_var_key`/`_index_dict` say which variables have slots (no public API)
     return inner is not None and not all(inner._var_key(v) in inner._index_dict
                                          for v in variables)
 
@@ -478,6 +484,7 @@ def rebuild_optimizer(model, variables) -> None:
     inner = _built_inner(optimizer)
     rebuilt = inner.__class__.from_config(inner.get_config())
     rebuilt.build(variables)
+    # private: slots are copied by the optimizer's own index of each variable
     old_slots = _slot_lists(inner, len(inner._index_dict))
     new_slots = _slot_lists(rebuilt, len(variables))
     for name, old in old_slots.items():
@@ -555,6 +562,7 @@ def delta_variables(model) -> list:
     capable = trainable_capable(model)
     wanted = {id(v) for v in model.trainable_weights}
     for layer in flatten_layers(model):
+        # private: a layer's own variables (see `own_variables`)
         if layer is model or not layer.trainable or not layer._trainable_weights:
             continue
         wanted.update(id(v) for v in layer._non_trainable_weights if id(v) not in capable)
