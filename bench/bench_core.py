@@ -51,7 +51,9 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+sys.path.insert(0, os.path.join(_ROOT, "recipes"))
 
+import _common  # noqa: E402  (recipes/_common.py)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -152,26 +154,11 @@ def make_configs(layers: int, k: int):
     ]
 
 
-class BatchTimer(keras.callbacks.Callback):
-    """Wall time of each training batch, begin to end (logs already fetched)."""
-
-    def __init__(self):
-        super().__init__()
-        self.times: list[float] = []
-        self._t0 = 0.0
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter() - self._t0)
-
-
 def run_steps(model, dataset, steps: int, mode: str, batch_data) -> list[float]:
     if mode == "fit":
         # One extra leading batch, dropped: the first batch of a `fit` call also
         # starts the dataset iterator (~1-2 ms), which is not part of a step.
-        timer = BatchTimer()
+        timer = _common.make_timer(per="batch")  # wall time, begin to end (logs fetched)
         model.fit(
             dataset,
             epochs=1,
@@ -290,6 +277,76 @@ def _loadavg():
         return None
 
 
+def _build_all(args, configs, dataset, batch_data, jit: bool):
+    """Each configuration's model, compiled, traced and warmed up; and its report row."""
+    L, W = args.layers, args.width
+    models, rows = {}, {}
+    for key, label, builder in configs:
+        model = compile_model(builder(build_model(L, W, args.seed)), jit)
+        t0 = time.perf_counter()
+        run_steps(model, dataset, 1, args.mode, batch_data)  # trace + compile
+        compile_s = time.perf_counter() - t0
+        run_steps(model, dataset, args.warmup, args.mode, batch_data)
+        models[key] = model
+        rows[key] = {
+            "label": label,
+            "trainable_params": trainable_params(model),
+            "first_call_s": compile_s,
+            "per_rep": [],
+        }
+        print(f"  built {key:<13} first call (trace+compile) {compile_s:6.2f} s", flush=True)
+    return models, rows
+
+
+def _timed_reps(args, keys, models, rows, dataset, batch_data) -> None:
+    """`args.reps` interleaved repetitions; each appends its step times to `rows[key]`."""
+    for rep in range(args.reps):
+        order = keys if rep % 2 == 0 else keys[::-1]  # ABC.. CBA.. against drift
+        for key in order:
+            rows[key]["per_rep"].append(
+                run_steps(models[key], dataset, args.steps, args.mode, batch_data)
+            )
+        if args.verbose or rep + 1 == args.reps or (rep + 1) % 5 == 0:
+            med = "  ".join(
+                f"{key}={1000 * statistics.median(rows[key]['per_rep'][-1]):.1f}" for key in keys
+            )
+            print(f"  rep {rep + 1}/{args.reps}: median ms  {med}", flush=True)
+
+
+def _comparison(name, a: dict, b: dict, base, other, kind, theory, quick: bool) -> dict:
+    """Row `b` (`other`) against row `a` (`base`): step-time ratios and the target's verdict."""
+    entry = {
+        "name": name,
+        "base": base,
+        "other": other,
+        "kind": kind,
+        # other / base step time, three estimators (see print_report):
+        "ratio_paired": paired_ratio(a["per_rep"], b["per_rep"]),
+        "ratio_median": b["median_ms"] / a["median_ms"],
+    }
+    ratio = entry["ratio_paired"]
+    if kind == "overhead":
+        entry["target"] = f"<= {OVERHEAD_TARGET:.2f}"
+        entry["passed"] = ratio <= OVERHEAD_TARGET
+    elif kind == "speedup":
+        for est in ("paired", "median"):
+            entry[f"speedup_{est}"] = 1.0 / entry[f"ratio_{est}"]
+        entry["speedup"] = 1.0 / ratio
+        entry["of_naive"] = entry["speedup"] / theory["naive"]
+        entry["of_corrected"] = entry["speedup"] / theory["corrected"]
+        entry["target"] = f">= {FREEZE_TARGET:.0%} of {theory['corrected']:.3f}"
+        entry["passed"] = entry["of_corrected"] >= FREEZE_TARGET
+    else:
+        entry["target"] = "info"
+        entry["passed"] = None
+    if quick and entry["passed"] is not None:
+        # Steps of ~1 ms are mostly Python: the smoke run checks that the
+        # benchmark runs, not the targets.
+        entry["passed"] = None
+        entry["smoke"] = True
+    return entry
+
+
 def bench(args) -> dict:
     jit = not args.no_jit
     L, W, B = args.layers, args.width, args.batch
@@ -307,35 +364,11 @@ def bench(args) -> dict:
     if args.only:
         keep = set(args.only.split(","))
         configs = [c for c in configs if c[0] in keep]
-    models, rows = {}, {}
-    for key, label, builder in configs:
-        model = compile_model(builder(build_model(L, W, args.seed)), jit)
-        t0 = time.perf_counter()
-        run_steps(model, dataset, 1, args.mode, (x, y))  # trace + compile
-        compile_s = time.perf_counter() - t0
-        run_steps(model, dataset, args.warmup, args.mode, (x, y))
-        models[key] = model
-        rows[key] = {
-            "label": label,
-            "trainable_params": trainable_params(model),
-            "first_call_s": compile_s,
-            "per_rep": [],
-        }
-        print(f"  built {key:<13} first call (trace+compile) {compile_s:6.2f} s", flush=True)
+    models, rows = _build_all(args, configs, dataset, (x, y), jit)
 
     keys = [c[0] for c in configs]
     load_before = _loadavg()
-    for rep in range(args.reps):
-        order = keys if rep % 2 == 0 else keys[::-1]  # ABC.. CBA.. against drift
-        for key in order:
-            rows[key]["per_rep"].append(
-                run_steps(models[key], dataset, args.steps, args.mode, (x, y))
-            )
-        if args.verbose or rep + 1 == args.reps or (rep + 1) % 5 == 0:
-            med = "  ".join(
-                f"{key}={1000 * statistics.median(rows[key]['per_rep'][-1]):.1f}" for key in keys
-            )
-            print(f"  rep {rep + 1}/{args.reps}: median ms  {med}", flush=True)
+    _timed_reps(args, keys, models, rows, dataset, (x, y))
     load_after = _loadavg()
 
     for key in keys:
@@ -351,47 +384,18 @@ def bench(args) -> dict:
         "loadavg_before": load_before,
         "loadavg_after": load_after,
     }
-
-    def compare(name, base, other, kind):
+    for name, base, other, kind in (
+        ("wrap overhead", "plain", "wrap", "overhead"),
+        ("lr_scale=0.5 overhead", "plain", "wrap_lr", "info"),
+        ("freeze speed-up (wrap)", "wrap", "wrap_frozen", "speedup"),
+        ("freeze speed-up (plain keras, reference)", "plain", "plain_frozen", "info_speedup"),
+    ):
         if base not in rows or other not in rows:
-            return
-        a, b = rows[base], rows[other]
-        entry = {
-            "name": name,
-            "base": base,
-            "other": other,
-            "kind": kind,
-            # other / base step time, three estimators (see print_report):
-            "ratio_paired": paired_ratio(a["per_rep"], b["per_rep"]),
-            "ratio_median": b["median_ms"] / a["median_ms"],
-        }
-        ratio = entry["ratio_paired"]
-        if kind == "overhead":
-            entry["target"] = f"<= {OVERHEAD_TARGET:.2f}"
-            entry["passed"] = ratio <= OVERHEAD_TARGET
-        elif kind == "speedup":
-            for est in ("paired", "median"):
-                entry[f"speedup_{est}"] = 1.0 / entry[f"ratio_{est}"]
-            entry["speedup"] = 1.0 / ratio
-            entry["of_naive"] = entry["speedup"] / theory["naive"]
-            entry["of_corrected"] = entry["speedup"] / theory["corrected"]
-            entry["target"] = f">= {FREEZE_TARGET:.0%} of {theory['corrected']:.3f}"
-            entry["passed"] = entry["of_corrected"] >= FREEZE_TARGET
-        else:
-            entry["target"] = "info"
-            entry["passed"] = None
-        if args.quick and entry["passed"] is not None:
-            # Steps of ~1 ms are mostly Python: the smoke run checks that the
-            # benchmark runs, not the targets.
-            entry["passed"] = None
-            entry["smoke"] = True
+            continue
+        entry = _comparison(name, rows[base], rows[other], base, other, kind, theory,
+                            args.quick)
         results["comparisons"].append(entry)
         rows[other]["comparison"] = entry
-
-    compare("wrap overhead", "plain", "wrap", "overhead")
-    compare("lr_scale=0.5 overhead", "plain", "wrap_lr", "info")
-    compare("freeze speed-up (wrap)", "wrap", "wrap_frozen", "speedup")
-    compare("freeze speed-up (plain keras, reference)", "plain", "plain_frozen", "info_speedup")
     # The reference row is informational but reported as a speed-up, too.
     for c in results["comparisons"]:
         if c["kind"] == "info_speedup":

@@ -49,7 +49,7 @@ SST2 = os.path.join(HERE, "..", "..", "shared", "data", "sst2", "train.tsv")
 STRATEGIES = "full,lora:8,bitfit,top_layers:2,auto,auto:0.02,head_only,llrd:0.8"
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default=STRATEGIES)
     p.add_argument("--batch-size", type=int, default=32)
@@ -59,13 +59,11 @@ def main(argv=None):
     p.add_argument("--data", default=SST2)
     p.add_argument("--no-xla", action="store_true")
     p.add_argument("--out", default=os.path.join(HERE, "results", "bert_step_times"))
-    args = p.parse_args(argv)
-    strategies = [parse_strategy(s) for s in args.only.split(",")]
-    preset = minilm_path()
-    split = load_table(args.data).take(np.arange(args.batch_size * 4), "sst2")
-    preprocessor = load_preprocessor(preset, args.sequence_length)
-    x, y = preprocessor(tf.constant(split.texts[:args.batch_size]),
-                        tf.constant(split.labels[:args.batch_size]))
+    return p.parse_args(argv)
+
+
+def build_models(args, strategies, preset, split, x, y) -> dict:
+    """spec -> the recipe's mean-pooling classifier with that strategy, compiled and traced."""
     models = {}
     for s in strategies:
         keras.utils.set_random_seed(0)
@@ -84,7 +82,12 @@ def main(argv=None):
         print(f"{s.spec}: {keras_peft.report(model).trainable_params:,} trainable, first step "
               f"{time.perf_counter() - start:.1f} s", flush=True)
         models[s.spec] = model
-    times = {spec: [] for spec in models}  # per round: median step of that round
+    return models
+
+
+def time_rounds(args, models, x, y) -> dict:
+    """spec -> per round, the median of that round's `--steps` steps."""
+    times = {spec: [] for spec in models}
     for r in range(args.rounds):
         for spec, model in models.items():
             steps = []
@@ -95,6 +98,10 @@ def main(argv=None):
             times[spec].append(statistics.median(steps))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in times.items()),
               flush=True)
+    return times
+
+
+def result_rows(models, times) -> list[dict]:
     base = times.get("full")
     rows = []
     for spec, model in models.items():
@@ -105,21 +112,39 @@ def main(argv=None):
         if base:
             row["ratio_to_full"] = statistics.median(t / b for t, b in zip(times[spec], base))
         rows.append(row)
+    return rows
+
+
+def table(rows) -> str:
     lines = ["| strategy | trainable params | % trained | median step (s) | step vs full |",
              "|---|---:|---:|---:|---:|"]
     for row in rows:
         ratio = f"{row['ratio_to_full']:.2f}x" if "ratio_to_full" in row else "-"
         lines.append(f"| {row['strategy']} | {row['trainable_params']:,} | "
                      f"{row['trainable_percent']:.2f} | {row['median_step_s']:.3f} | {ratio} |")
-    table = "\n".join(lines) + "\n"
-    print("\n" + table)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    strategies = [parse_strategy(s) for s in args.only.split(",")]
+    preset = minilm_path()
+    split = load_table(args.data).take(np.arange(args.batch_size * 4), "sst2")
+    preprocessor = load_preprocessor(preset, args.sequence_length)
+    x, y = preprocessor(tf.constant(split.texts[:args.batch_size]),
+                        tf.constant(split.labels[:args.batch_size]))
+    models = build_models(args, strategies, preset, split, x, y)
+    times = time_rounds(args, models, x, y)
+    rows = result_rows(models, times)
+    text = table(rows)
+    print("\n" + text)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "data")}
     settings.update(machine=f"{platform.platform()}, {os.cpu_count()} CPUs",
                     tensorflow=tf.__version__, keras=keras.__version__,
                     load_average=os.getloadavg())
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".md", "w") as f:
-        f.write(table)
+        f.write(text)
     with open(args.out + ".json", "w") as f:
         json.dump({"settings": settings, "results": rows}, f, indent=2)
     return rows

@@ -41,6 +41,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "recipes"))  # _common
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -48,35 +49,26 @@ import tensorflow as tf  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")
 
+import _common  # noqa: E402  (recipes/_common.py)
 from strategies_minilm import LEARNING_RATES, SST2, build_model, load_sst2  # noqa: E402
 
 import keras_peft  # noqa: E402
 from keras_peft import Rule  # noqa: E402
 
 STRATEGIES = {"head_only": 6, "top_layers_2": 4}  # strategy -> frozen blocks k of L=6
+_ARGUMENTS = {"head_only": _common.NO_ARG, "top_layers": _common.NEEDS_ARG}  # top_layers_2
 LAYERS = 6
 TARGET = 2.0  # cached total time at least 2x faster than uncached
 weights_init: dict = {}  # path -> initial value (filled in main)
 
 
-class EpochTimer(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.times = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._t0 = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.times.append(time.perf_counter() - self._t0)
-
-
 def rules_for(strategy, model):
     unused = {r"pooled_dense/.*": Rule(trainable=False, note="unused (mean pooling)")}
-    if strategy == "head_only":
+    name, arg = _common.parse_strategy(strategy, _ARGUMENTS, sep="_")
+    if name == "head_only":
         rules = keras_peft.head_only(model)
     else:
-        rules = keras_peft.top_layers(model, int(strategy.rsplit("_", 1)[1]))
+        rules = keras_peft.top_layers(model, int(arg))
     return keras_peft.combine(unused, rules)
 
 
@@ -108,45 +100,45 @@ def weights(model):
     return {v.path: v.numpy() for v in model.weights}
 
 
-def run_strategy(strategy, preset, train_ds, eval_ds, args) -> dict:
-    k = STRATEGIES[strategy]
-    out = {"strategy": strategy, "frozen_blocks": k}
-
-    # 1. uncached, keras-peft default (dropout active in the frozen prefix)
+def _uncached_default(strategy, preset, train_ds, eval_ds, args) -> dict:
+    """1. uncached, keras-peft default (dropout active in the frozen prefix)."""
     model = compile_model(fresh(strategy, preset, args), strategy, args)
-    timer = EpochTimer()
+    timer = _common.make_timer(per="epoch")
     t0, c0 = time.perf_counter(), time.process_time()
     model.fit(train_ds, epochs=args.epochs, shuffle=False, verbose=0, callbacks=[timer])
-    out["default"] = {"total_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
-                      "epochs_s": timer.times,
-                      "accuracy": float(model.evaluate(eval_ds, verbose=0)[1])}
-    print(f"  uncached (keras-peft default): {out['default']}", flush=True)
-    del model
-    gc.collect()
+    result = {"total_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+              "epochs_s": timer.times,
+              "accuracy": float(model.evaluate(eval_ds, verbose=0)[1])}
+    print(f"  uncached (keras-peft default): {result}", flush=True)
+    return result
 
-    # 2. uncached, the frozen prefix in inference mode
+
+def _uncached_inference_prefix(strategy, preset, train_ds, eval_ds, args):
+    """2. uncached, the frozen prefix in inference mode: `(prefix operations, result,
+    trained weights)`."""
     model = fresh(strategy, preset, args)
     split = keras_peft.split_prefix(model)
-    out["prefix_operations"] = len(split.prefix_layers)
+    operations = len(split.prefix_layers)
     joined = compile_model(split.joined(inference_prefix=True), strategy, args)
-    timer = EpochTimer()
+    timer = _common.make_timer(per="epoch")
     t0, c0 = time.perf_counter(), time.process_time()
     joined.fit(train_ds, epochs=args.epochs, shuffle=False, verbose=0, callbacks=[timer])
-    out["inference_prefix"] = {"total_s": time.perf_counter() - t0,
-                               "cpu_s": time.process_time() - c0, "epochs_s": timer.times,
-                               "accuracy": float(joined.evaluate(eval_ds, verbose=0)[1])}
+    result = {"total_s": time.perf_counter() - t0,
+              "cpu_s": time.process_time() - c0, "epochs_s": timer.times,
+              "accuracy": float(joined.evaluate(eval_ds, verbose=0)[1])}
     reference = weights(model)
-    print(f"  uncached (prefix in inference mode): {out['inference_prefix']}", flush=True)
-    del model, joined, split
-    gc.collect()
+    print(f"  uncached (prefix in inference mode): {result}", flush=True)
+    return operations, result, reference
 
-    # 3. cached
+
+def _cached(strategy, preset, train_ds, eval_ds, args, reference):
+    """3. cached: `(result, the cut)`; the weights are compared with `reference`'s."""
     model = compile_model(fresh(strategy, preset, args), strategy, args)
     t0, c0 = time.perf_counter(), time.process_time()
     cached = keras_peft.cache_prefix(model, train_ds, inference_prefix=True)
     prefix_s = time.perf_counter() - t0
-    out["cut"] = [f"{name} {a.shape[1:]} {a.dtype}" for name, a in cached.x.items()]
-    timer = EpochTimer()
+    cut = [f"{name} {a.shape[1:]} {a.dtype}" for name, a in cached.x.items()]
+    timer = _common.make_timer(per="epoch")
     t1 = time.perf_counter()
     cached.fit(epochs=args.epochs, batch_size=args.batch_size, shuffle=False, verbose=0,
                callbacks=[timer])
@@ -156,14 +148,26 @@ def run_strategy(strategy, preset, train_ds, eval_ds, args) -> dict:
     difference = max(float(np.max(np.abs(trained[p] - reference[p]))) for p in reference)
     scale = max(float(np.max(np.abs(reference[p]))) for p in reference)
     moved = [p for p in reference if not np.array_equal(trained[p], weights_init[p])]
-    out["cached"] = {"prefix_s": prefix_s, "fit_s": fit_s, "total_s": prefix_s + fit_s,
-                     "cpu_s": cpu_s,
-                     "epochs_s": timer.times, "cache_mb": cached.nbytes / 2**20,
-                     "accuracy": float(model.evaluate(eval_ds, verbose=0)[1]),
-                     "max_abs_weight_difference": difference, "largest_weight": scale,
-                     "variables_trained": len(moved)}
-    print(f"  cached: {out['cached']}", flush=True)
-    del model, cached
+    result = {"prefix_s": prefix_s, "fit_s": fit_s, "total_s": prefix_s + fit_s,
+              "cpu_s": cpu_s,
+              "epochs_s": timer.times, "cache_mb": cached.nbytes / 2**20,
+              "accuracy": float(model.evaluate(eval_ds, verbose=0)[1]),
+              "max_abs_weight_difference": difference, "largest_weight": scale,
+              "variables_trained": len(moved)}
+    print(f"  cached: {result}", flush=True)
+    return result, cut
+
+
+def run_strategy(strategy, preset, train_ds, eval_ds, args) -> dict:
+    k = STRATEGIES[strategy]
+    out = {"strategy": strategy, "frozen_blocks": k}
+    out["default"] = _uncached_default(strategy, preset, train_ds, eval_ds, args)
+    gc.collect()
+    out["prefix_operations"], out["inference_prefix"], reference = _uncached_inference_prefix(
+        strategy, preset, train_ds, eval_ds, args)
+    gc.collect()
+    cached, out["cut"] = _cached(strategy, preset, train_ds, eval_ds, args, reference)
+    out["cached"] = cached
     gc.collect()
 
     L = LAYERS

@@ -53,6 +53,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "recipes"))
+import _common  # noqa: E402  (recipes/_common.py: imports neither TensorFlow nor keras_peft)
+
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
 SST2 = os.path.join(SHARED_DATA, "sst2", "train.tsv")
 ISBI = os.path.join(SHARED_DATA, "isbi2012-membrane", "train")
@@ -99,6 +102,20 @@ CONFIGS = {
     "lora_embeddings": "keras-peft lora(4) on the id embeddings",
     "new_id_embeddings": "keras-peft: new ids' embedding rows only (row mask)",
 }
+# Configuration names read as strategies, `_` before an argument: `top_layers_2` is
+# top_layers with 2; the others take none.
+STRATEGY_ARGUMENTS = {name: _common.NO_ARG for name in CONFIGS if name != "top_layers_2"}
+STRATEGY_ARGUMENTS["top_layers"] = _common.NEEDS_ARG
+_UNKNOWN = "unknown configuration {spec!r}"
+_WORDING = _common.Wording(unknown=_UNKNOWN, needs_arg=_UNKNOWN, takes_no_arg=_UNKNOWN)
+
+
+def parse_config(config: str, error: type[Exception] = ValueError) -> tuple[str, str | None]:
+    """`(name, argument)` of a configuration: `top_layers_2` -> `("top_layers", "2")`."""
+    return _common.parse_strategy(config, STRATEGY_ARGUMENTS, sep="_", wording=_WORDING,
+                                  choices=", ".join(CONFIGS), error=error)
+
+
 FAMILY_CONFIGS = {
     "bert": ["plain", "wrap_all", "head_only", "top_layers_2", "bitfit", "lora4", "hub_lora4"],
     "cnn": ["plain", "wrap_all", "head_only", "top_layers_2", "bitfit", "lora4"],
@@ -124,8 +141,9 @@ def theory_ratio(config: str, layers: int | None) -> float | None:
         return None
     if config == "head_only":
         return (3 * L - 2 * L) / (3 * L)
-    if config.startswith("top_layers_"):
-        k = L - int(config.rsplit("_", 1)[1])
+    name, arg = parse_config(config)
+    if name == "top_layers":
+        k = L - int(arg)
         return (3 * L - 2 * k) / (3 * L)
     return 2 * L / (3 * L)
 
@@ -253,30 +271,11 @@ def _steps(model, dataset, n: int, keras2: bool = False) -> dict:
     CPU time is the process' own, all threads together: unlike wall time it
     hardly grows when other processes compete for the cores.
     """
-    if keras2:
-        import tensorflow as tf
-
-        base = tf.keras.callbacks.Callback  # tf.keras is Keras 2 in that worker
-    else:
-        import keras
-
-        base = keras.callbacks.Callback
-
-    wall: list[float] = []
-    cpu: list[float] = []
-
-    class Timer(base):
-        def on_train_batch_begin(self, batch, logs=None):
-            self.t0, self.c0 = time.perf_counter(), time.process_time()
-
-        def on_train_batch_end(self, batch, logs=None):
-            # Keras fetches the step's logs before this runs: the step has finished.
-            wall.append(time.perf_counter() - self.t0)
-            cpu.append(time.process_time() - self.c0)
-
+    # On tf.keras' Callback in the Keras 2 (TFRS) worker: tf.keras is Keras 2 there.
+    timer = _common.make_timer(per="batch", keras2=keras2)
     model.fit(dataset, epochs=1, steps_per_epoch=n, verbose=0, shuffle=False,
-              callbacks=[Timer()])
-    return {"wall": wall, "cpu": cpu}
+              callbacks=[timer])
+    return {"wall": timer.seconds, "cpu": timer.cpu_seconds}
 
 
 def _bert(spec, size, np, tf, keras):
@@ -405,6 +404,7 @@ def _configure(config: str, model, family: str, keras_peft) -> None:
     """Applies one configuration to `model` in place."""
     from keras_peft import Rule
 
+    name, arg = parse_config(config, error=SystemExit)
     if config == "plain":
         return
     if config == "hub_lora4":
@@ -414,8 +414,8 @@ def _configure(config: str, model, family: str, keras_peft) -> None:
         rules = keras_peft.full(model)
     elif config == "head_only":
         rules = keras_peft.head_only(model)
-    elif config == "top_layers_2":
-        rules = keras_peft.top_layers(model, 2)
+    elif name == "top_layers":
+        rules = keras_peft.top_layers(model, int(arg))
     elif config == "bitfit":
         rules = keras_peft.bitfit(model)
     elif config == "lora4" and family == "bert":
@@ -540,6 +540,84 @@ def _quantile(values, q):
     return values[lo] + (values[hi] - values[lo]) * (pos - lo)
 
 
+def _start_workers(model_key: str, groups: list, size: dict, args, log_dir: str,
+                   workers: dict) -> dict:
+    """Starts a worker per group, `--parallel` at a time (import, load, XLA compile, warm-up),
+    recording each in `workers` (config -> its process); returns config -> its "ready" facts."""
+    infos: dict[str, dict] = {}
+    pending = list(groups)
+    starting: list[Worker] = []
+    while pending or starting:
+        while pending and len(starting) < args.parallel:
+            group = pending.pop(0)
+            spec = {"configs": group, "size": size, "seed": args.seed, "quick": args.quick,
+                    "precision": args.precision, "jit": args.jit}
+            w = Worker(model_key, group, spec, log_dir)
+            workers.update((c, w) for c in group)
+            starting.append(w)
+        w = starting.pop(0)
+        for _ in w.configs:
+            info = w.read("ready")
+            infos[info["config"]] = info
+            print(f"  ready {model_key + '/' + info['config']:<24} trainable "
+                  f"{info['trainable_params']:>12,}  first call "
+                  f"{info['first_call_s']:6.1f} s", flush=True)
+    return infos
+
+
+def _timed_reps(workers: dict, configs: list, reps: int, steps: int):
+    """`reps` interleaved repetitions of `steps` steps (order reversed every other one);
+    per config, each repetition's wall and CPU step times."""
+    per_rep = {c: [] for c in configs}
+    per_rep_cpu = {c: [] for c in configs}
+    for rep in range(reps):
+        order = configs if rep % 2 == 0 else configs[::-1]
+        for config in order:
+            times = workers[config].run(config, steps)
+            per_rep[config].append(times["wall"])
+            per_rep_cpu[config].append(times["cpu"])
+        medians = "  ".join(f"{c}={1000 * statistics.median(per_rep[c][-1]):.0f}"
+                            for c in configs)
+        print(f"  rep {rep + 1}/{reps} (median ms): {medians}", flush=True)
+    return per_rep, per_rep_cpu
+
+
+def _config_row(config: str, info: dict, per_rep: dict, per_rep_cpu: dict, done: dict | None,
+                batch: int, layers: int | None) -> dict:
+    """One configuration's row: step times, ratios to plain (paired per repetition), memory."""
+    steps_ms = [1000 * t for rep in per_rep[config] for t in rep]
+    median_ms = statistics.median(steps_ms)
+    ratios = paired_ratios(per_rep["plain"], per_rep[config])
+    cpu_ratios = paired_ratios(per_rep_cpu["plain"], per_rep_cpu[config])
+    row = {
+        "label": CONFIGS[config],
+        "trainable_params": info["trainable_params"],
+        "total_params": info["total_params"],
+        "optimizer_mb": info["optimizer_bytes"] / 2**20,
+        "median_ms": median_ms,
+        "p10_ms": _quantile(steps_ms, 0.1),
+        "p90_ms": _quantile(steps_ms, 0.9),
+        "examples_per_s": batch / (median_ms / 1000),
+        "peak_rss_mb": None if done is None else done["peak_rss_mb"],
+        "peak_gpu_mb": None if done is None else done.get("peak_gpu_mb"),
+        "import_rss_mb": info["import_rss_mb"],
+        "first_call_s": info["first_call_s"],
+        "ratio": statistics.median(ratios),
+        "ratio_q25": _quantile(ratios, 0.25),
+        "ratio_q75": _quantile(ratios, 0.75),
+        "cpu_ratio": statistics.median(cpu_ratios),
+        "cpu_ms": statistics.median(1000 * t for rep in per_rep_cpu[config] for t in rep),
+        "theory": theory_ratio(config, layers),
+        "per_rep_ms": [[1000 * t for t in rep] for rep in per_rep[config]],
+        "per_rep_cpu_ms": [[1000 * t for t in rep] for rep in per_rep_cpu[config]],
+        "trainable_paths": info["trainable_paths"],
+    }
+    theory = row["theory"]
+    row["of_theory"] = None if theory is None else theory / row["ratio"]
+    row["cpu_of_theory"] = None if theory is None else theory / row["cpu_ratio"]
+    return row
+
+
 def bench_model(model_key: str, size: dict, args, log_dir: str) -> dict:
     configs = [c for c in FAMILY_CONFIGS[size["family"]] if c in args.configs]
     if "plain" not in configs:
@@ -551,41 +629,13 @@ def bench_model(model_key: str, size: dict, args, log_dir: str) -> dict:
     shared = args.processes == "model"
     groups = [configs] if shared else [[c] for c in configs]
     workers: dict[str, Worker] = {}  # config -> its process
-    infos: dict[str, dict] = {}
-    pending = list(groups)
-    starting: list[Worker] = []
     try:
-        # Set up `--parallel` processes at a time (import, load, XLA compile, warm-up).
-        while pending or starting:
-            while pending and len(starting) < args.parallel:
-                group = pending.pop(0)
-                spec = {"configs": group, "size": size, "seed": args.seed, "quick": args.quick,
-                        "precision": args.precision, "jit": args.jit}
-                w = Worker(model_key, group, spec, log_dir)
-                workers.update((c, w) for c in group)
-                starting.append(w)
-            w = starting.pop(0)
-            for _ in w.configs:
-                info = w.read("ready")
-                infos[info["config"]] = info
-                print(f"  ready {model_key + '/' + info['config']:<24} trainable "
-                      f"{info['trainable_params']:>12,}  first call "
-                      f"{info['first_call_s']:6.1f} s", flush=True)
+        infos = _start_workers(model_key, groups, size, args, log_dir, workers)
         for config in configs:  # one untimed step each: the first after a wait is slow
             workers[config].run(config, 1)
-        per_rep = {c: [] for c in configs}
-        per_rep_cpu = {c: [] for c in configs}
         load_before = _loadavg()
         t0 = time.perf_counter()
-        for rep in range(reps):
-            order = configs if rep % 2 == 0 else configs[::-1]
-            for config in order:
-                times = workers[config].run(config, steps)
-                per_rep[config].append(times["wall"])
-                per_rep_cpu[config].append(times["cpu"])
-            medians = "  ".join(f"{c}={1000 * statistics.median(per_rep[c][-1]):.0f}"
-                                for c in configs)
-            print(f"  rep {rep + 1}/{reps} (median ms): {medians}", flush=True)
+        per_rep, per_rep_cpu = _timed_reps(workers, configs, reps, steps)
         timed_s = time.perf_counter() - t0
         load_after = _loadavg()
         stopped = {id(w): w.stop() for w in dict.fromkeys(workers.values())}
@@ -594,41 +644,10 @@ def bench_model(model_key: str, size: dict, args, log_dir: str) -> dict:
         for w in dict.fromkeys(workers.values()):
             w.kill()
 
-    batch = size["batch"]
-    rows = {}
-    for config in configs:
-        info = infos[config]
-        steps_ms = [1000 * t for rep in per_rep[config] for t in rep]
-        median_ms = statistics.median(steps_ms)
-        ratios = paired_ratios(per_rep["plain"], per_rep[config])
-        cpu_ratios = paired_ratios(per_rep_cpu["plain"], per_rep_cpu[config])
-        rows[config] = {
-            "label": CONFIGS[config],
-            "trainable_params": info["trainable_params"],
-            "total_params": info["total_params"],
-            "optimizer_mb": info["optimizer_bytes"] / 2**20,
-            "median_ms": median_ms,
-            "p10_ms": _quantile(steps_ms, 0.1),
-            "p90_ms": _quantile(steps_ms, 0.9),
-            "examples_per_s": batch / (median_ms / 1000),
-            "peak_rss_mb": None if shared else done[config]["peak_rss_mb"],
-            "peak_gpu_mb": None if shared else done[config].get("peak_gpu_mb"),
-            "import_rss_mb": info["import_rss_mb"],
-            "first_call_s": info["first_call_s"],
-            "ratio": statistics.median(ratios),
-            "ratio_q25": _quantile(ratios, 0.25),
-            "ratio_q75": _quantile(ratios, 0.75),
-            "cpu_ratio": statistics.median(cpu_ratios),
-            "cpu_ms": statistics.median(1000 * t for rep in per_rep_cpu[config] for t in rep),
-            "theory": theory_ratio(config, size.get("layers")),
-            "per_rep_ms": [[1000 * t for t in rep] for rep in per_rep[config]],
-            "per_rep_cpu_ms": [[1000 * t for t in rep] for rep in per_rep_cpu[config]],
-            "trainable_paths": info["trainable_paths"],
-        }
-        theory = rows[config]["theory"]
-        rows[config]["of_theory"] = None if theory is None else theory / rows[config]["ratio"]
-        rows[config]["cpu_of_theory"] = (None if theory is None
-                                         else theory / rows[config]["cpu_ratio"])
+    rows = {config: _config_row(config, infos[config], per_rep, per_rep_cpu,
+                                None if shared else done[config], size["batch"],
+                                size.get("layers"))
+            for config in configs}
     first = infos[configs[0]]
     result = {
         "processes": args.processes,
@@ -699,6 +718,58 @@ def _mb(value: float) -> str:
     return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
 
 
+def _model_description(size: dict) -> str:
+    if size["family"] == "bert":
+        return (f"all-MiniLM-L6-v2 `BertTextClassifier`, batch {size['batch']}, "
+                f"sequence {size['seq']}" if size.get("checkpoint") else
+                f"tiny random BERT ({size['layers']} layers, hidden {size['hidden']}), "
+                f"batch {size['batch']}, sequence {size['seq']}")
+    if size["family"] == "cnn":
+        return (f"CNN segmenter ({size['layers']} Conv-BN-ReLU blocks of width "
+                f"{size['width']}), {size['size']}x{size['size']} crops, batch {size['batch']}")
+    library = ("keras-rs on Keras 3" if size.get("framework") == "keras-rs"
+               else "TFRS on tf.keras")
+    return (f"two-tower recommender (recipes/two_tower_recommender.py, {library}, "
+            f"{'synthetic ratings' if size.get('synthetic') else 'MovieLens'}), "
+            f"batch {size['batch']}, Adagrad, no XLA")
+
+
+def _model_lines(res: dict) -> list[str]:
+    """One model's part of the report: what it is, its table, its targets."""
+    what = _model_description(res["size"])
+    lines = [
+        "",
+        f"**{what}** ({res['reps']} interleaved repetitions x {res['steps']} steps, "
+        f"load average {res['loadavg_before']} -> {res['loadavg_after']}"
+        + (f"; {res['elapsed_s'] / 60:.1f} minutes with set-up" if "elapsed_s" in res
+           else "") + "):",
+        "",
+        "| configuration | trainable params | optimizer state (MB) | median step (ms) "
+        "| examples/s | peak RSS (MB) | step ratio vs plain (IQR) | CPU-time ratio "
+        "| theory |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for row in res["rows"].values():
+        base = row["label"] == CONFIGS["plain"]
+        ratio = ("1 (baseline)" if base else
+                 f"{row['ratio']:.3f} ({row['ratio_q25']:.2f}-{row['ratio_q75']:.2f})")
+        memory = _rss(row["peak_rss_mb"])
+        if row.get("peak_gpu_mb") is not None:
+            memory += f" (GPU {row['peak_gpu_mb']:,.0f})"
+        lines.append(
+            f"| {row['label']} | {row['trainable_params']:,} | {_mb(row['optimizer_mb'])} "
+            f"| {row['median_ms']:,.0f} | {row['examples_per_s']:,.1f} "
+            f"| {memory} | {ratio} "
+            f"| {'1' if base else format(row['cpu_ratio'], '.3f')} "
+            f"| {'-' if row['theory'] is None else format(row['theory'], '.3f')} |")
+    for t in res["targets"]:
+        lines.append(f"\nTarget: {t['name']}, target {t['target']}: step time "
+                     f"{_value(t, 'value')} **{_verdict(t['passed'])}**, CPU time "
+                     f"{_value(t, 'cpu_value')} **{_verdict(t['cpu_passed'])}** "
+                     f"({t['detail']}).")
+    return lines
+
+
 def markdown(results: dict) -> str:
     m = results["machine"]
     gpus = results["models"][0]["versions"]["gpus"] if results["models"] else []
@@ -724,51 +795,7 @@ def markdown(results: dict) -> str:
            if any(m.get("gpu") for m in results["models"]) else "."),
     ]
     for res in results["models"]:
-        size = res["size"]
-        if size["family"] == "bert":
-            what = (f"all-MiniLM-L6-v2 `BertTextClassifier`, batch {size['batch']}, "
-                    f"sequence {size['seq']}" if size.get("checkpoint") else
-                    f"tiny random BERT ({size['layers']} layers, hidden {size['hidden']}), "
-                    f"batch {size['batch']}, sequence {size['seq']}")
-        elif size["family"] == "cnn":
-            what = (f"CNN segmenter ({size['layers']} Conv-BN-ReLU blocks of width "
-                    f"{size['width']}), {size['size']}x{size['size']} crops, batch {size['batch']}")
-        else:
-            library = ("keras-rs on Keras 3" if size.get("framework") == "keras-rs"
-                       else "TFRS on tf.keras")
-            what = (f"two-tower recommender (recipes/two_tower_recommender.py, {library}, "
-                    f"{'synthetic ratings' if size.get('synthetic') else 'MovieLens'}), "
-                    f"batch {size['batch']}, Adagrad, no XLA")
-        lines += [
-            "",
-            f"**{what}** ({res['reps']} interleaved repetitions x {res['steps']} steps, "
-            f"load average {res['loadavg_before']} -> {res['loadavg_after']}"
-            + (f"; {res['elapsed_s'] / 60:.1f} minutes with set-up" if "elapsed_s" in res
-               else "") + "):",
-            "",
-            "| configuration | trainable params | optimizer state (MB) | median step (ms) "
-            "| examples/s | peak RSS (MB) | step ratio vs plain (IQR) | CPU-time ratio "
-            "| theory |",
-            "|---|---:|---:|---:|---:|---:|---|---:|---:|",
-        ]
-        for row in res["rows"].values():
-            base = row["label"] == CONFIGS["plain"]
-            ratio = ("1 (baseline)" if base else
-                     f"{row['ratio']:.3f} ({row['ratio_q25']:.2f}-{row['ratio_q75']:.2f})")
-            memory = _rss(row["peak_rss_mb"])
-            if row.get("peak_gpu_mb") is not None:
-                memory += f" (GPU {row['peak_gpu_mb']:,.0f})"
-            lines.append(
-                f"| {row['label']} | {row['trainable_params']:,} | {_mb(row['optimizer_mb'])} "
-                f"| {row['median_ms']:,.0f} | {row['examples_per_s']:,.1f} "
-                f"| {memory} | {ratio} "
-                f"| {'1' if base else format(row['cpu_ratio'], '.3f')} "
-                f"| {'-' if row['theory'] is None else format(row['theory'], '.3f')} |")
-        for t in res["targets"]:
-            lines.append(f"\nTarget: {t['name']}, target {t['target']}: step time "
-                         f"{_value(t, 'value')} **{_verdict(t['passed'])}**, CPU time "
-                         f"{_value(t, 'cpu_value')} **{_verdict(t['cpu_passed'])}** "
-                         f"({t['detail']}).")
+        lines += _model_lines(res)
     lines += [
         "",
         "Theory (../shared/DESIGN-NOTES.md): a block costs 3 units when it trains "

@@ -36,6 +36,7 @@ from keras_peft import Rule
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "recipes"))
+import _common  # noqa: E402  (recipes/_common.py)
 from _text_classifier import build_classifier  # noqa: E402  (recipes/, shared with the recipe)
 
 SST2 = os.path.join(HERE, "..", "..", "shared", "data", "sst2", "train.tsv")
@@ -61,8 +62,23 @@ def build_model(preset, seed, sequence_length):
                             dropout=0.0, preprocessor=False)
 
 
+_ARGUMENTS = {"full": _common.NO_ARG, "head_only": _common.NO_ARG, "bitfit": _common.NO_ARG,
+              "top_layers": _common.NEEDS_ARG, "lora": _common.NEEDS_ARG,
+              "llrd": _common.NEEDS_ARG, "auto": _common.OPTIONAL_ARG}  # auto: budget 0.1
+_UNKNOWN = "unknown strategy {spec!r}; choose from {choices}"
+
+
+def parse_strategy(strategy):
+    """`(name, argument)` of `top_layers:2` and the like; SystemExit for a bad one."""
+    return _common.parse_strategy(
+        strategy, _ARGUMENTS, choices=str(STRATEGIES), error=SystemExit,
+        wording=_common.Wording(unknown=_UNKNOWN, needs_arg="{name} needs an argument: "
+                                "{name}:{hint}", takes_no_arg="{name} takes no argument"),
+        hints={"top_layers": "K", "lora": "RANK", "llrd": "DECAY"})
+
+
 def rules_for(strategy, model, train_ds):
-    name, _, arg = strategy.partition(":")
+    name, arg = parse_strategy(strategy)
     unused = {r"pooled_dense/.*": Rule(trainable=False, note="unused (mean pooling)")}
     if name == "full":
         rules = keras_peft.full(model)
@@ -82,21 +98,9 @@ def rules_for(strategy, model, train_ds):
             num_batches=4, budget=0.1)
         print(result)
         rules = result.rules
-    else:
-        raise SystemExit(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
+    else:  # parse_strategy admits nothing else
+        raise AssertionError(name)
     return keras_peft.combine(unused, rules)
-
-
-class StepTimer(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.times = []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter() - self._t)
 
 
 def run(strategy, args, preset, train, held_out):
@@ -117,13 +121,13 @@ def run(strategy, args, preset, train, held_out):
     rules = rules_for(strategy, model, train_ds)
     keras_peft.wrap(model, rules)
     rep = keras_peft.report(model)
-    learning_rate = args.learning_rate or LEARNING_RATES[strategy.partition(":")[0]]
+    learning_rate = args.learning_rate or LEARNING_RATES[parse_strategy(strategy)[0]]
     model.compile(
         optimizer=keras.optimizers.AdamW(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"], jit_compile=not args.no_jit,
     )
-    timer = StepTimer()
+    timer = _common.make_timer(per="batch")
     start = time.perf_counter()
     model.fit(train_ds, epochs=1, callbacks=[timer], verbose=2)
     wall = time.perf_counter() - start

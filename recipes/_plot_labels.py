@@ -104,6 +104,45 @@ def _center(box):
     return ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
 
 
+def _best_position(ann, index, renderer, *, centers, markers, obstacles, placed_boxes,
+                   leaders, frame, fig_frame, marker_radius_pt):
+    """Tries `ann` around its point, ring after ring; returns the best
+    `(score, offset, ha, va, box, leader)`, the first free one if any."""
+    best = None
+    for ring, (gap, count) in enumerate(_RINGS):
+        distance = marker_radius_pt + gap
+        for angle in _directions(ring, count):
+            offset = (distance * math.cos(math.radians(angle)),
+                      distance * math.sin(math.radians(angle)))
+            ha, va = _alignment(angle)
+            ann.xyann = offset
+            ann.set_horizontalalignment(ha)
+            ann.set_verticalalignment(va)
+            box = tuple(ann.get_window_extent(renderer).extents)
+            leader = ring >= _LEADER_FROM_RING
+            clash = (sum(_overlap(box, other) for other in placed_boxes)
+                     + sum(_overlap(box, o) for o in obstacles))
+            crossings = sum(_segment_hits_box(p, c, box) for p, c in leaders)
+            if leader:
+                start, end = centers[index], _center(box)
+                crossings += sum(_segment_hits_box(start, end, other)
+                                 for other in placed_boxes)
+                crossings += sum(_segment_hits_box(start, end, m)
+                                 for j, m in enumerate(markers) if j != index)
+            outside = _outside(box, frame)
+            # Worst first: cut off by the figure's edge, over another label or a
+            # point, outside the axes, a leader line through a label or a point.
+            score = (_outside(box, fig_frame) > 0, clash > 0, outside > 0, crossings,
+                     clash, outside)
+            if best is None or score < best[0]:
+                best = (score, offset, ha, va, box, leader)
+            if score == _FREE:
+                break
+        if best[0] == _FREE:
+            break
+    return best
+
+
 def place_labels(ax, points, labels, *, colors=None, fontsize: float = 8,
                  marker_size: float | None = None, avoid=(), **text_kw) -> list:
     """Labels `points` [(x, y), ...] of `ax` with `labels`, no label over another.
@@ -148,38 +187,10 @@ def place_labels(ax, points, labels, *, colors=None, fontsize: float = 8,
     for index, (point, label, color) in enumerate(zip(points, labels, colors)):
         ann = ax.annotate(label, point, xytext=(0, 0), textcoords="offset points",
                           fontsize=fontsize, **text_kw)
-        best = None
-        for ring, (gap, count) in enumerate(_RINGS):
-            distance = marker_radius_pt + gap
-            for angle in _directions(ring, count):
-                offset = (distance * math.cos(math.radians(angle)),
-                          distance * math.sin(math.radians(angle)))
-                ha, va = _alignment(angle)
-                ann.xyann = offset
-                ann.set_horizontalalignment(ha)
-                ann.set_verticalalignment(va)
-                box = tuple(ann.get_window_extent(renderer).extents)
-                leader = ring >= _LEADER_FROM_RING
-                clash = (sum(_overlap(box, other) for other in placed_boxes)
-                         + sum(_overlap(box, o) for o in obstacles))
-                crossings = sum(_segment_hits_box(p, c, box) for p, c in leaders)
-                if leader:
-                    start, end = centers[index], _center(box)
-                    crossings += sum(_segment_hits_box(start, end, other)
-                                     for other in placed_boxes)
-                    crossings += sum(_segment_hits_box(start, end, m)
-                                     for j, m in enumerate(markers) if j != index)
-                outside = _outside(box, frame)
-                # Worst first: cut off by the figure's edge, over another label or a
-                # point, outside the axes, a leader line through a label or a point.
-                score = (_outside(box, fig_frame) > 0, clash > 0, outside > 0, crossings,
-                         clash, outside)
-                if best is None or score < best[0]:
-                    best = (score, offset, ha, va, box, leader)
-                if score == _FREE:
-                    break
-            if best[0] == _FREE:
-                break
+        best = _best_position(ann, index, renderer, centers=centers, markers=markers,
+                              obstacles=obstacles, placed_boxes=placed_boxes, leaders=leaders,
+                              frame=frame, fig_frame=fig_frame,
+                              marker_radius_pt=marker_radius_pt)
         _, offset, ha, va, box, leader = best
         ann.remove()
         arrowprops = None

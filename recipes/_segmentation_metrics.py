@@ -14,10 +14,7 @@ This module is recipe code, not part of the keras_peft library.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-
+import _common
 import numpy as np
 
 __all__ = [
@@ -105,44 +102,21 @@ def evaluate(model, dataset, num_classes: int, class_names=None, *, keep: int = 
 
 # ----------------------------------------------------------------- outputs
 def atomic_write(path: str, write) -> None:
-    """Calls `write(tmp_path)`, then renames the temporary file onto `path`.
+    """Calls `write(tmp_path)`, then renames the temporary file onto `path` (keras_peft.io).
 
     The temporary file keeps `path`'s extension (`model.save` needs
     `.keras`), and the result gets the usual permissions (umask), not
-    mkstemp's private 0600.
+    mkstemp's private 0600. The folder is created.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    _common.write_with(path, write)
 
 
 def write_text(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
+    _common.write_text(path, text)
 
 
 def write_json(path: str, data) -> None:
-    text = json.dumps(data, indent=2, default=_json_default) + "\n"  # fails before writing
-    write_text(path, text)
+    _common.write_json(path, data, default=_json_default)  # fails before writing
 
 
 def _json_default(value):

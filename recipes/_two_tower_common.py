@@ -18,7 +18,6 @@ This module is recipe code, not part of the keras_peft library.
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
 from _movielens import MovieLens, Split
@@ -171,32 +170,6 @@ def strategy_rules(name: str, model, args) -> dict | None:
                                targets=r"query/user_embedding|candidate/movie_embedding",
                                rest=frozen)
     raise ValueError(f"Unknown strategy {name!r}. Expected one of {', '.join(STRATEGIES)}.")
-
-
-def timer_callback(base):
-    """An epoch timer on `base` (`keras.callbacks.Callback` or tf.keras')."""
-
-    class EpochTimer(base):
-        """Wall seconds and CPU seconds (this process, all threads) of every epoch.
-
-        On a machine shared with other jobs the wall time of an epoch varies
-        with their load; the CPU time the epoch used varies much less.
-        """
-
-        def on_train_begin(self, logs=None):
-            self.seconds, self.cpu_seconds, self.steps = [], [], 0
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self._start = (time.perf_counter(), time.process_time())
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.steps += 1
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.seconds.append(time.perf_counter() - self._start[0])
-            self.cpu_seconds.append(time.process_time() - self._start[1])
-
-    return EpochTimer()
 
 
 def steady(values: list[float]) -> float:

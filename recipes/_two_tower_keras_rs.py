@@ -25,6 +25,7 @@ This module is recipe code, not part of the keras_peft library.
 
 from __future__ import annotations
 
+import _common
 import keras
 import numpy as np
 from _two_tower_common import (
@@ -33,7 +34,6 @@ from _two_tower_common import (
     catalogue_features,
     pick_users,
     retrieval_metrics,
-    timer_callback,
     user_history,
 )
 from keras import ops
@@ -201,7 +201,7 @@ def build_model(vocab: Vocabulary, args, seed: int) -> TwoTowerModel:
 def train(model, dataset, epochs, learning_rate, verbose):
     """Adagrad (as the TFRS path); returns the epochs' timings."""
     model.compile(optimizer=keras.optimizers.Adagrad(learning_rate))
-    timer = timer_callback(keras.callbacks.Callback)
+    timer = _common.make_timer(per="epoch")
     model.fit(dataset, epochs=epochs, verbose=verbose, callbacks=[timer])
     return timer
 

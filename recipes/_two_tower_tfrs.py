@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import _common
 import numpy as np
 import tensorflow as tf
 from _two_tower_common import (
@@ -20,7 +21,6 @@ from _two_tower_common import (
     catalogue_dataset,
     pick_users,
     retrieval_metrics,
-    timer_callback,
     user_history,
 )
 
@@ -163,7 +163,7 @@ def build_model(vocab: Vocabulary, args, seed: int):
 def train(model, dataset, epochs, learning_rate, verbose):
     """Adagrad, as in the TFRS tutorials; returns the epochs' timings."""
     model.compile(optimizer=tf.keras.optimizers.Adagrad(learning_rate))
-    timer = timer_callback(tf.keras.callbacks.Callback)
+    timer = _common.make_timer(per="epoch", keras2=True)  # tf.keras: Keras 2
     model.fit(dataset, epochs=epochs, verbose=verbose, callbacks=[timer])
     return timer
 

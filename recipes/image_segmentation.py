@@ -57,6 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling module
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import _common
 import _segmentation_data as seg_data
 import _segmentation_metrics as seg_metrics
 import _segmentation_model as seg_model
@@ -79,11 +80,7 @@ def _int_list(text):
     return [int(t) for t in text.split(",") if t.strip()]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Fine-tune a segmentation model (a pretrained encoder + decoder) with a "
-        "keras-peft strategy.",
-    )
+def _add_data_options(p) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default=DEFAULT_DATA,
                    help="tfds:oxford_iiit_pet (the default; downloads), 'synthetic', or a "
@@ -118,6 +115,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "gaussian_noise:0.2)")
     g.add_argument("--corrupt-seed", type=int, default=0,
                    help="seed of the corruption draws, fixed per image (default 0)")
+
+
+def _add_model_options(p) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=("unet", "deeplabv3"), default="unet",
                    help="U-Net-style decoder (default) or keras-hub's DeepLabV3")
@@ -132,6 +132,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    f"{seg_model.FALLBACK_BACKBONE})")
     g.add_argument("--init", default=None, metavar="CHECKPOINT",
                    help="start from a model.keras (or an output folder) an earlier run wrote")
+
+
+def _add_training_options(p) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--strategy", default="full",
                    help="none, full (default), decoder, head_only, surgical[:B+B...], "
@@ -154,6 +157,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default: on when TensorFlow sees a GPU")
     g.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=None,
                    help="XLA; default: on when TensorFlow sees a GPU")
+
+
+def _add_output_options(p) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", default="runs/segmentation",
                    help="default runs/segmentation")
@@ -161,6 +167,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="validation images in panel.png (default 3; 0: none)")
     g.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
                    help="0 silent, 1 progress bars (default), 2 one line per epoch")
+
+
+def _add_experiment_options(p) -> None:
     g = p.add_argument_group("experiment (--experiment surgical)")
     g.add_argument("--experiment", choices=("surgical",), default=None,
                    help="pretrain on clean images, adapt to corrupted ones with a few labels, "
@@ -181,6 +190,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "keeps a pretrained encoder's weights as they are)")
     g.add_argument("--pretrain-learning-rate", type=float, default=None,
                    help="default: --learning-rate")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Fine-tune a segmentation model (a pretrained encoder + decoder) with a "
+        "keras-peft strategy.",
+    )
+    _add_data_options(p)
+    _add_model_options(p)
+    _add_training_options(p)
+    _add_output_options(p)
+    _add_experiment_options(p)
     args = p.parse_args(argv)
     _check_args(p, args)
     return args
@@ -240,16 +261,15 @@ def _check_args(parser, args):
     args.class_name_list = args.class_names.split(",") if args.class_names else None
 
 
+_ARGUMENTS = {name: _common.NO_ARG for name in STRATEGY_NAMES}
+_ARGUMENTS.update(top_layers=_common.NEEDS_ARG, llrd=_common.NEEDS_ARG, lora=_common.NEEDS_ARG,
+                  surgical=_common.OPTIONAL_ARG, auto=_common.OPTIONAL_ARG)
+
+
 def parse_strategy(spec: str) -> tuple[str, str | None]:
-    name, _, arg = spec.strip().partition(":")
-    if name not in STRATEGY_NAMES:
-        raise ValueError(f"Unknown strategy {spec!r}. Expected one of {', '.join(STRATEGY_NAMES)}.")
-    needs = {"top_layers": "K", "llrd": "DECAY", "lora": "RANK"}
-    if name in needs and not arg:
-        raise ValueError(f"Strategy {name!r} needs a value: {name}:{needs[name]}.")
-    if name in ("none", "full", "decoder", "head_only", "bitfit", "norm_tuning") and arg:
-        raise ValueError(f"Strategy {name!r} takes no value. Received: {spec!r}.")
-    return name, arg or None
+    return _common.parse_strategy(
+        spec, _ARGUMENTS, wording=_common.SEGMENTATION_WORDING, empty_is_missing=True,
+        hints={"top_layers": "K", "llrd": "DECAY", "lora": "RANK"})
 
 
 # ------------------------------------------------------------- strategies
@@ -310,10 +330,11 @@ def strategy_rules(model, spec: str, train_ds=None):
 def set_batchnorm_modes(model, bn_train: bool) -> dict:
     """Frozen BatchNorm layers -> inference mode (unless `bn_train`); returns what was done."""
     frozen, training = [], []
-    for layer in keras_peft._compat.flatten_layers(model):
+    for layer in keras_peft.all_layers(model):
         if not isinstance(layer, keras.layers.BatchNormalization):
             continue
-        if any(v.trainable for v in layer._trainable_variables):
+        # Moving statistics are created non-trainable: only gamma/beta can train.
+        if any(v.trainable for v in layer.weights):
             training.append(layer.name)
         else:
             frozen.append(layer)
@@ -474,22 +495,6 @@ def peak_memory() -> dict:
     return {"device": _memory_device(), "peak_tensor_mib": tensors, "peak_rss_mib": rss}
 
 
-class StepTimer(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.times = []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter() - self._start)
-
-    def mean(self):
-        steady = self.times[1:] or self.times  # the first step traces
-        return float(np.mean(steady)) if steady else None
-
-
 # --------------------------------------------------------------------- run
 def _crop_size(args, stride: int) -> int | None:
     if args.crop_size == 0:
@@ -503,15 +508,12 @@ def _crop_size(args, stride: int) -> int | None:
     return None if crop == args.image_size else crop
 
 
-def run_one(args, strategy: str, train, val, output_dir: str, *, tag: str = "",
-            save_checkpoint: bool = True) -> dict:
-    """Trains one model with one strategy and writes its outputs to `output_dir`."""
-    start = time.perf_counter()
-    held_before = reset_peak_memory()
+def _build_model(args, num_classes: int):
+    """The model (under mixed precision where on), its facts, its stride; checks the size."""
     mixed, jit = _device_options(args)
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
     try:
-        model, model_info = make_model(args, train.num_classes)
+        model, model_info = make_model(args, num_classes)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     stride = seg_model.output_stride(model)
@@ -520,9 +522,10 @@ def run_one(args, strategy: str, train, val, output_dir: str, *, tag: str = "",
             f"--image-size {args.image_size} must be a multiple of the encoder's stride "
             f"({stride})."
         )
-    crop = _crop_size(args, stride)
-    verbose = args.verbose
-    say = print if verbose else (lambda *a, **k: None)
+    return model, model_info, stride, mixed, jit
+
+
+def _run_datasets(args, train, val, crop):
     train_ds = seg_data.make_dataset(
         train, batch_size=args.batch_size, training=True, corruption=args.corruption,
         corrupt_seed=args.corrupt_seed, crop_size=crop, flip=not args.no_flip, seed=args.seed,
@@ -531,47 +534,36 @@ def run_one(args, strategy: str, train, val, output_dir: str, *, tag: str = "",
         val, batch_size=args.batch_size, training=False, corruption=args.corruption,
         corrupt_seed=args.corrupt_seed,
     )
-    say(f"\n== {tag or strategy}: {len(train)} training / {len(val)} validation images "
-        f"({train.source}), {args.image_size}px, crops {crop or 'none'}, corruption "
-        f"{args.corruption or 'none'}")
+    return train_ds, val_ds
 
-    before = None
-    if args.init:
-        before, _ = seg_metrics.evaluate(model, val_ds, val.num_classes, val.class_names,
-                                         verbose=0)
-    rules, description = strategy_rules(model, strategy, train_ds)
-    steps = args.steps_per_epoch or max(1, math.ceil(len(train) / args.batch_size))
-    timer = StepTimer()
+
+def _train(args, model, strategy, rules, description, train_ds, *, steps, timer, jit, say):
+    """Wraps `model` with `rules` and fits it; returns the BatchNorm modes and the history."""
     bn = {"frozen_layers_mode": None, "frozen": [], "training": [], "_layers": []}
     history = {}
-    if rules is not None:
-        keras_peft.wrap(model, rules, skip_nonfinite=args.skip_nonfinite)
-        bn = set_batchnorm_modes(model, args.bn_train)
+    if rules is None:
         say(f"Strategy {strategy}: {description}.")
-        say(format_groups(group_table(model)))
-        say(keras_peft.report(model).summary())
-        say(describe_batchnorm(bn))
-        model.compile(optimizer=keras.optimizers.Adam(args.learning_rate), loss=_loss(),
-                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-                      jit_compile=jit)
-        if args.epochs:
-            fit = model.fit(train_ds, epochs=args.epochs, steps_per_epoch=steps,
-                            callbacks=[timer], verbose=verbose)
-            history = {k: [float(x) for x in v] for k, v in fit.history.items()}
-    else:
-        say(f"Strategy {strategy}: {description}.")
-    memory = {**peak_memory(), "held_before_mib": held_before}  # evaluation comes next
-    report = keras_peft.report(model)
-    groups = group_table(model)
-    if rules is None:  # nothing trained, whatever the flags say
-        groups = [{**g, "trainable_params": 0} for g in groups]
-    keep = max(0, args.panel_images)
-    metrics, kept = seg_metrics.evaluate(model, val_ds, val.num_classes, val.class_names,
-                                         keep=keep, verbose=1 if verbose == 1 else 0)
+        return bn, history
+    keras_peft.wrap(model, rules, skip_nonfinite=args.skip_nonfinite)
+    bn = set_batchnorm_modes(model, args.bn_train)
+    say(f"Strategy {strategy}: {description}.")
+    say(format_groups(group_table(model)))
+    say(keras_peft.report(model).summary())
+    say(describe_batchnorm(bn))
+    model.compile(optimizer=keras.optimizers.Adam(args.learning_rate), loss=_loss(),
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                  jit_compile=jit)
+    if args.epochs:
+        fit = model.fit(train_ds, epochs=args.epochs, steps_per_epoch=steps,
+                        callbacks=[timer], verbose=args.verbose)
+        history = {k: [float(x) for x in v] for k, v in fit.history.items()}
+    return bn, history
 
-    skipped = (int(model.peft_skipped_steps)
-               if keras_peft.is_wrapped(model) and args.skip_nonfinite else None)
-    # Save a plain Keras model for --init: BatchNorm flags back, policy removed.
+
+def _save_model_and_panel(model, bn, output_dir, *, save_checkpoint, keep, kept, metrics,
+                          title, num_classes):
+    """`model.keras` (a plain Keras model, for --init) and `panel.png`; their paths or None."""
+    # BatchNorm flags back, policy removed.
     for layer in bn["_layers"]:
         layer.trainable = True
     if keras_peft.is_wrapped(model):
@@ -584,14 +576,74 @@ def run_one(args, strategy: str, train, val, output_dir: str, *, tag: str = "",
     panel = None
     if keep and len(kept["images"]):
         panel = os.path.join(output_dir, "panel.png")
-        title = f"{tag or strategy}: mean IoU {metrics['mean_iou']:.3f}"
         if not seg_metrics.save_panel(
             panel,
             {"image": kept["images"], "ground truth": kept["masks"],
              "prediction": kept["predictions"]},
-            num_classes=val.num_classes, title=title,
+            num_classes=num_classes, title=f"{title}: mean IoU {metrics['mean_iou']:.3f}",
         ):
             panel = None
+    return checkpoint, panel
+
+
+def _data_facts(args, train, val, crop) -> dict:
+    return {
+        "source": train.source, "train_images": len(train), "validation_images": len(val),
+        "train_ids": list(train.ids), "validation_ids": list(val.ids),
+        "class_names": val.class_names, "image_size": args.image_size, "crop_size": crop,
+        "flip": not args.no_flip,
+        "corruption": str(args.corruption) if args.corruption else None,
+        "corrupt_seed": args.corrupt_seed,
+    }
+
+
+def _training_facts(args, trained, steps, mixed, jit, history, skipped) -> dict:
+    return {
+        "epochs": args.epochs if trained else 0, "steps_per_epoch": steps,
+        "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+        "optimizer": "Adam", "seed": args.seed, "mixed_precision": mixed,
+        "jit_compile": jit, "history": history,
+        "skipped_steps": skipped,  # steps with a NaN/Inf loss or gradient, not applied
+    }
+
+
+def run_one(args, strategy: str, train, val, output_dir: str, *, tag: str = "",
+            save_checkpoint: bool = True) -> dict:
+    """Trains one model with one strategy and writes its outputs to `output_dir`."""
+    start = time.perf_counter()
+    held_before = reset_peak_memory()
+    model, model_info, stride, mixed, jit = _build_model(args, train.num_classes)
+    crop = _crop_size(args, stride)
+    verbose = args.verbose
+    say = print if verbose else (lambda *a, **k: None)
+    train_ds, val_ds = _run_datasets(args, train, val, crop)
+    say(f"\n== {tag or strategy}: {len(train)} training / {len(val)} validation images "
+        f"({train.source}), {args.image_size}px, crops {crop or 'none'}, corruption "
+        f"{args.corruption or 'none'}")
+
+    before = None
+    if args.init:
+        before, _ = seg_metrics.evaluate(model, val_ds, val.num_classes, val.class_names,
+                                         verbose=0)
+    rules, description = strategy_rules(model, strategy, train_ds)
+    steps = args.steps_per_epoch or max(1, math.ceil(len(train) / args.batch_size))
+    timer = _common.make_timer(per="batch")  # mean(): steps after the first (it traces)
+    bn, history = _train(args, model, strategy, rules, description, train_ds, steps=steps,
+                         timer=timer, jit=jit, say=say)
+    memory = {**peak_memory(), "held_before_mib": held_before}  # evaluation comes next
+    report = keras_peft.report(model)
+    groups = group_table(model)
+    if rules is None:  # nothing trained, whatever the flags say
+        groups = [{**g, "trainable_params": 0} for g in groups]
+    keep = max(0, args.panel_images)
+    metrics, kept = seg_metrics.evaluate(model, val_ds, val.num_classes, val.class_names,
+                                         keep=keep, verbose=1 if verbose == 1 else 0)
+
+    skipped = (int(model.peft_skipped_steps)
+               if keras_peft.is_wrapped(model) and args.skip_nonfinite else None)
+    checkpoint, panel = _save_model_and_panel(
+        model, bn, output_dir, save_checkpoint=save_checkpoint, keep=keep, kept=kept,
+        metrics=metrics, title=tag or strategy, num_classes=val.num_classes)
 
     result = {
         "strategy": strategy,
@@ -602,23 +654,11 @@ def run_one(args, strategy: str, train, val, output_dir: str, *, tag: str = "",
         "batchnorm": {k: v for k, v in bn.items() if not k.startswith("_")},
         "metrics": metrics,
         "metrics_before": before,
-        "data": {
-            "source": train.source, "train_images": len(train), "validation_images": len(val),
-            "train_ids": list(train.ids), "validation_ids": list(val.ids),
-            "class_names": val.class_names, "image_size": args.image_size, "crop_size": crop,
-            "flip": not args.no_flip,
-            "corruption": str(args.corruption) if args.corruption else None,
-            "corrupt_seed": args.corrupt_seed,
-        },
+        "data": _data_facts(args, train, val, crop),
         "model": {**model_info, "type": args.model if not args.init else model_info["model"],
                   "output_stride": stride},
-        "training": {
-            "epochs": args.epochs if rules is not None else 0, "steps_per_epoch": steps,
-            "batch_size": args.batch_size, "learning_rate": args.learning_rate,
-            "optimizer": "Adam", "seed": args.seed, "mixed_precision": mixed,
-            "jit_compile": jit, "history": history,
-            "skipped_steps": skipped,  # steps with a NaN/Inf loss or gradient, not applied
-        },
+        "training": _training_facts(args, rules is not None, steps, mixed, jit, history,
+                                    skipped),
         "mean_step_seconds": timer.mean(),
         "wall_seconds": time.perf_counter() - start,
         # this run's peaks (from loading the model to the end of training): what
@@ -735,12 +775,6 @@ _NORM_LAYERS = (keras.layers.BatchNormalization, keras.layers.LayerNormalization
                 keras.layers.GroupNormalization)
 
 
-def _all_layers(layer):
-    yield layer
-    for sub in getattr(layer, "layers", ()):
-        yield from _all_layers(sub)
-
-
 def plan_strategies(model, strategies) -> dict:
     """Which strategies to run on `model`'s architecture, and why not the others.
 
@@ -771,7 +805,8 @@ def plan_strategies(model, strategies) -> dict:
             reason = f"trains exactly the {len(key)} variables that {other} trains"
             encoder = getattr(fresh.backbone, "image_encoder", fresh.backbone)
             if name == "norm_tuning" and not any(
-                    isinstance(layer, _NORM_LAYERS) for layer in _all_layers(encoder)):
+                    isinstance(layer, _NORM_LAYERS)
+                    for layer in [encoder, *keras_peft.all_layers(encoder)]):
                 reason = (f"the encoder ({encoder.name}) has no normalization layers, so "
                           f"norm_tuning trains only the head (the decoder, BatchNorm layers "
                           f"included): {reason}")
@@ -943,6 +978,89 @@ def _experiment_summary(args, protocol, clean, rows_by_corruption, class_names, 
     }
 
 
+def _experiment_splits(args):
+    """The test images, the adaptation pool (the last --adapt-pool) and the pretraining rest."""
+    train_all, test = load_splits(args)
+    if len(train_all) < args.adapt_pool + 2:
+        raise seg_data.DataError(
+            f"{len(train_all)} training images are too few for an adaptation pool of "
+            f"{args.adapt_pool} and pretraining."
+        )
+    pretrain = train_all.subset(range(len(train_all) - args.adapt_pool))
+    pool = train_all.subset(range(len(train_all) - args.adapt_pool, len(train_all)))
+    return train_all, test, pretrain, pool
+
+
+def _starting_model(args, pretrain, pool, test, pretrain_lr):
+    """The model every strategy adapts (--init, or pretrained on clean images now):
+    its checkpoint and its clean test metrics."""
+    out = args.output_dir
+    if args.init:
+        checkpoint = _checkpoint_path(args.init)
+        clean_args = argparse.Namespace(**{**vars(args), "init": checkpoint, "corruption": None,
+                                           "panel_images": 0})
+        clean = run_one(clean_args, "none", pool, test, os.path.join(out, "clean"),
+                        tag="starting model (clean)", save_checkpoint=False)["metrics"]
+        return checkpoint, clean
+    pre_args = argparse.Namespace(**{
+        **vars(args), "corruption": None, "epochs": args.pretrain_epochs,
+        "steps_per_epoch": args.pretrain_steps, "init": None, "learning_rate": pretrain_lr,
+    })
+    pre = run_one(pre_args, args.pretrain_strategy, pretrain, test,
+                  os.path.join(out, "pretrain"), tag="pretrain (clean)")
+    return pre["files"]["checkpoint"], pre["metrics"]
+
+
+def _plan_on_checkpoint(args, checkpoint, strategies):
+    """`plan_strategies` on the starting model, printing what will not run; and its encoder."""
+    starting = keras.models.load_model(checkpoint, compile=False)
+    plan = plan_strategies(starting, strategies)
+    backbone_name = getattr(starting.backbone, "image_encoder", starting.backbone).name
+    del starting
+    for spec, entry in plan.items():
+        if entry["status"] != "run" and args.verbose:
+            print(f"{spec}: " + (f"n/a ({entry['reason']})" if entry["status"] == "n/a"
+                                 else f"not run: {entry['reason']}"))
+    return plan, backbone_name
+
+
+def _adapt_runs(args, corruption, strategies, plan, pool, test, checkpoint, seeds) -> dict:
+    """Every strategy that runs, on every seed's shots, under `corruption`: spec -> results."""
+    cname = str(corruption)
+    runs = {spec: [] for spec in strategies if plan[spec]["status"] == "run"}
+    for seed in seeds:
+        shots = seg_data.select(pool, count=args.shots, seed=seed)
+        for spec in runs:
+            run_args = argparse.Namespace(**{
+                **vars(args), "seed": seed, "init": checkpoint, "corruption": corruption,
+                "panel_images": args.panel_images if seed == seeds[0] else 0,
+            })
+            result = run_one(
+                run_args, spec, shots, test,
+                os.path.join(args.output_dir, "adapt", _safe_name(cname),
+                             f"{_safe_name(spec)}_seed{seed}"),
+                tag=f"{cname}, {spec}, seed {seed}", save_checkpoint=seed == seeds[0])
+            runs[spec].append(result)
+    return runs
+
+
+def _corruption_rows(strategies, plan, runs, class_names, cname) -> list[dict]:
+    """One table row per strategy: measured, the same as another's, or n/a."""
+    full_ious = [r["metrics"]["mean_iou"] for r in runs["full"]] if "full" in runs else None
+    rows = {}
+    for spec in strategies:
+        entry = plan[spec]
+        if entry["status"] == "run":
+            rows[spec] = _row(spec, runs[spec], full_ious, class_names, cname)
+        elif entry["status"] == "same":
+            rows[spec] = {**rows[entry["same_as"]], "strategy": spec, "status": "same",
+                          "same_as": entry["same_as"], "reason": entry["reason"]}
+        else:
+            rows[spec] = {"corruption": cname, "strategy": spec, "status": "n/a",
+                          "reason": entry["reason"]}
+    return list(rows.values())
+
+
 def run_experiment(args) -> dict:
     """Surgical fine-tuning under input-level shifts (Lee et al., ICLR 2023).
 
@@ -963,40 +1081,11 @@ def run_experiment(args) -> dict:
     for spec in strategies:
         parse_strategy(spec)
     corruptions = [c for c in args.corruptions if c is not None]
-    train_all, test = load_splits(args)
-    if len(train_all) < args.adapt_pool + 2:
-        raise seg_data.DataError(
-            f"{len(train_all)} training images are too few for an adaptation pool of "
-            f"{args.adapt_pool} and pretraining."
-        )
-    pretrain = train_all.subset(range(len(train_all) - args.adapt_pool))
-    pool = train_all.subset(range(len(train_all) - args.adapt_pool, len(train_all)))
+    train_all, test, pretrain, pool = _experiment_splits(args)
     out = args.output_dir
     pretrain_lr = args.pretrain_learning_rate or args.learning_rate
-
-    if args.init:
-        checkpoint = _checkpoint_path(args.init)
-        clean_args = argparse.Namespace(**{**vars(args), "init": checkpoint, "corruption": None,
-                                           "panel_images": 0})
-        clean = run_one(clean_args, "none", pool, test, os.path.join(out, "clean"),
-                        tag="starting model (clean)", save_checkpoint=False)["metrics"]
-    else:
-        pre_args = argparse.Namespace(**{
-            **vars(args), "corruption": None, "epochs": args.pretrain_epochs,
-            "steps_per_epoch": args.pretrain_steps, "init": None, "learning_rate": pretrain_lr,
-        })
-        pre = run_one(pre_args, args.pretrain_strategy, pretrain, test,
-                      os.path.join(out, "pretrain"), tag="pretrain (clean)")
-        checkpoint, clean = pre["files"]["checkpoint"], pre["metrics"]
-
-    starting = keras.models.load_model(checkpoint, compile=False)
-    plan = plan_strategies(starting, strategies)
-    backbone_name = getattr(starting.backbone, "image_encoder", starting.backbone).name
-    del starting
-    for spec, entry in plan.items():
-        if entry["status"] != "run" and args.verbose:
-            print(f"{spec}: " + (f"n/a ({entry['reason']})" if entry["status"] == "n/a"
-                                 else f"not run: {entry['reason']}"))
+    checkpoint, clean = _starting_model(args, pretrain, pool, test, pretrain_lr)
+    plan, backbone_name = _plan_on_checkpoint(args, checkpoint, strategies)
     protocol = {
         "data": train_all.source, "image_size": args.image_size,
         "pretrain_images": list(pretrain.ids), "adapt_pool": list(pool.ids),
@@ -1015,33 +1104,8 @@ def run_experiment(args) -> dict:
     rows_by_corruption, first_runs = {}, {}
     for corruption in corruptions:
         cname = str(corruption)
-        runs = {spec: [] for spec in strategies if plan[spec]["status"] == "run"}
-        for seed in seeds:
-            shots = seg_data.select(pool, count=args.shots, seed=seed)
-            for spec in runs:
-                run_args = argparse.Namespace(**{
-                    **vars(args), "seed": seed, "init": checkpoint, "corruption": corruption,
-                    "panel_images": args.panel_images if seed == seeds[0] else 0,
-                })
-                result = run_one(
-                    run_args, spec, shots, test,
-                    os.path.join(out, "adapt", _safe_name(cname),
-                                 f"{_safe_name(spec)}_seed{seed}"),
-                    tag=f"{cname}, {spec}, seed {seed}", save_checkpoint=seed == seeds[0])
-                runs[spec].append(result)
-        full_ious = [r["metrics"]["mean_iou"] for r in runs["full"]] if "full" in runs else None
-        rows = {}
-        for spec in strategies:
-            entry = plan[spec]
-            if entry["status"] == "run":
-                rows[spec] = _row(spec, runs[spec], full_ious, class_names, cname)
-            elif entry["status"] == "same":
-                rows[spec] = {**rows[entry["same_as"]], "strategy": spec, "status": "same",
-                              "same_as": entry["same_as"], "reason": entry["reason"]}
-            else:
-                rows[spec] = {"corruption": cname, "strategy": spec, "status": "n/a",
-                              "reason": entry["reason"]}
-        rows_by_corruption[cname] = list(rows.values())
+        runs = _adapt_runs(args, corruption, strategies, plan, pool, test, checkpoint, seeds)
+        rows_by_corruption[cname] = _corruption_rows(strategies, plan, runs, class_names, cname)
         first_runs[cname] = {spec: results[0] for spec, results in runs.items()}
         summary = _experiment_summary(args, protocol, clean, rows_by_corruption, class_names,
                                       start)

@@ -83,11 +83,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
+import _common  # noqa: E402  (light: no TensorFlow, Keras or keras_peft)
+
 DEFAULT_DATA = "tfds:movielens/100k-ratings"
 DEFAULT_OUTPUT_DIR = os.path.join("runs", "two_tower_recommender")
 FRAMEWORKS = ("keras-rs", "tfrs")
 STRATEGIES = ("none", "full_retrain", "full_finetune", "query_tower", "user_embeddings",
               "new_id_embeddings", "tower_lr", "lora_embeddings")
+_ARGUMENTS = {name: _common.NO_ARG for name in STRATEGIES}  # plain names, no `:arg`
+_UNKNOWN = "unknown strategy {spec!r}; expected one of: {choices}"
+_WORDING = _common.Wording(unknown=_UNKNOWN, needs_arg=_UNKNOWN, takes_no_arg=_UNKNOWN)
 KERAS_RS_MISSING = (
     "--framework keras-rs: keras-rs is not installed. It needs Python >= 3.11 (this is "
     "Python {version}); install it with `pip install \"keras-rs==0.4.0\"`, or run the "
@@ -148,48 +153,46 @@ def __getattr__(name):  # PEP 562: the shared names, imported on first use
 
 
 # ------------------------------------------------------------------ the runs
-def run_strategy(name, args, fw, data, parts, vocab, pretrained, ev, pretrain_timing,
-                 seed) -> dict:
+def _train_strategy(name, args, fw, data, parts, vocab, pretrained, seed):
+    """The model of strategy `name`, trained. Returns `(model, timer, epochs, updated, report)`:
+    `timer` None when nothing trained, `updated` the parameters a row mask lets change."""
     import numpy as np
-    from _two_tower_common import (
-        frozen_all,
-        make_dataset,
-        new_id_rows,
-        steady,
-        strategy_rules,
-    )
+    from _two_tower_common import frozen_all, make_dataset, new_id_rows, strategy_rules
 
     import keras_peft
 
-    started = time.perf_counter()
-    if args.verbose:
-        print(f"\n=== {name} (seed {seed}) ===", flush=True)
     model = fw.build_model(vocab, args, seed)
-    timer = None
-    epochs = 0
-    updated = None
+    timer, epochs, updated = None, 0, None
     if name == "full_retrain":
         rows = np.concatenate([parts.pretrain, parts.adapt])
         timer = fw.train(model, make_dataset(data, rows, args.batch_size, seed),
                          args.epochs, args.learning_rate, args.verbose)
-        epochs = args.epochs
-        report = keras_peft.report(model)
-    else:
-        model.set_weights(pretrained)
-        if name == "none":
-            report = keras_peft.report(model, frozen_all())
-        else:
-            if name == "new_id_embeddings":
-                masks = new_id_rows(vocab)
-                model.set_row_masks(masks["user"], masks["movie"])
-                updated = int(masks["user"].sum() + masks["movie"].sum()) * args.id_dim
-            keras_peft.wrap(model, strategy_rules(name, model, args))
-            report = keras_peft.report(model)
-            if args.verbose >= 2:
-                print(report)
-            timer = fw.train(model, make_dataset(data, parts.adapt, args.batch_size, seed),
-                             args.adapt_epochs, args.adapt_learning_rate, args.verbose)
-            epochs = args.adapt_epochs
+        return model, timer, args.epochs, updated, keras_peft.report(model)
+    model.set_weights(pretrained)
+    if name == "none":
+        return model, timer, epochs, updated, keras_peft.report(model, frozen_all())
+    if name == "new_id_embeddings":
+        masks = new_id_rows(vocab)
+        model.set_row_masks(masks["user"], masks["movie"])
+        updated = int(masks["user"].sum() + masks["movie"].sum()) * args.id_dim
+    keras_peft.wrap(model, strategy_rules(name, model, args))
+    report = keras_peft.report(model)
+    if args.verbose >= 2:
+        print(report)
+    timer = fw.train(model, make_dataset(data, parts.adapt, args.batch_size, seed),
+                     args.adapt_epochs, args.adapt_learning_rate, args.verbose)
+    return model, timer, args.adapt_epochs, updated, report
+
+
+def run_strategy(name, args, fw, data, parts, vocab, pretrained, ev, pretrain_timing,
+                 seed) -> dict:
+    from _two_tower_common import steady
+
+    started = time.perf_counter()
+    if args.verbose:
+        print(f"\n=== {name} (seed {seed}) ===", flush=True)
+    model, timer, epochs, updated, report = _train_strategy(name, args, fw, data, parts, vocab,
+                                                            pretrained, seed)
     metrics = fw.evaluate(model, vocab, ev, args.verbose)
     per_epoch = steady(timer.seconds) if timer else 0.0
     steps = timer.steps / max(len(timer.seconds), 1) if timer else 0
@@ -246,10 +249,7 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+def _add_data_options(p) -> None:
     p.add_argument("--framework", choices=FRAMEWORKS, default=None,
                    help="keras-rs (Keras 3; the default when keras_rs imports) or tfrs "
                         "(tensorflow-recommenders on tf.keras 2)")
@@ -263,6 +263,9 @@ def parse_args(argv=None):
                         "date YYYY-MM-DD (random split: the pretraining fraction)")
     p.add_argument("--adapt-fraction", type=float, default=0.5,
                    help="share of each user's later ratings used to adapt (the rest is evaluated)")
+
+
+def _add_strategy_and_model_options(p) -> None:
     p.add_argument("--strategy", default="query_tower", help=f"one of: {', '.join(STRATEGIES)}")
     p.add_argument("--compare", default=None,
                    help="comma-separated strategies, or 'all'; 'none' is always included")
@@ -272,6 +275,9 @@ def parse_args(argv=None):
     p.add_argument("--max-title-words", type=int, default=10_000)
     p.add_argument("--query-features", default="",
                    help="extra query features, comma-separated: 'timestamp' (bucketized)")
+
+
+def _add_training_options(p) -> None:
     p.add_argument("--epochs", type=int, default=5, help="pretraining (and full_retrain) epochs")
     p.add_argument("--learning-rate", type=float, default=0.1, help="Adagrad, pretraining")
     p.add_argument("--adapt-epochs", type=int, default=5)
@@ -288,11 +294,30 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=_seeds, default=None,
                    help="comma-separated seeds (e.g. 0,1,2): pretraining and every strategy "
                         "once per seed; tables give mean ± spread (max - min). Default: --seed")
+
+
+def _add_output_options(p) -> None:
     p.add_argument("--examples", type=int, default=3, help="users to show recommendations for")
     p.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR)
     p.add_argument("--verbose", type=int, default=1,
                    help="0 silent, 1 progress bars and a summary, 2 also the per-layer report")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_data_options(p)
+    _add_strategy_and_model_options(p)
+    _add_training_options(p)
+    _add_output_options(p)
     args = p.parse_args(argv)
+    _check_args(p, args)
+    return args
+
+
+def _check_args(p, args) -> None:
+    """Fills in --framework and the strategy list; p.error for what is not allowed."""
     if args.framework is None:
         args.framework = default_framework()
         if args.framework == "tfrs" and args.verbose:
@@ -308,9 +333,11 @@ def parse_args(argv=None):
         args.strategies = ["none"] + [n for n in dict.fromkeys(names) if n != "none"]
     else:
         args.strategies = ["none"] + ([args.strategy] if args.strategy != "none" else [])
-    bad = [n for n in args.strategies if n not in STRATEGIES]
-    if bad:
-        p.error(f"unknown strategy {bad[0]!r}; expected one of: {', '.join(STRATEGIES)}")
+    for name in args.strategies:
+        try:
+            _common.parse_strategy(name, _ARGUMENTS, wording=_WORDING)
+        except ValueError as e:
+            p.error(str(e))
     for name in ("epochs", "adapt_epochs", "batch_size", "lora_rank", "id_dim",
                  "embedding_dim", "text_dim"):
         if getattr(args, name) < 1:
@@ -318,35 +345,12 @@ def parse_args(argv=None):
                     f"{getattr(args, name)}")
     if args.seeds is None:
         args.seeds = [args.seed]
-    return args
 
 
-def main(argv=None) -> dict:
-    """Runs the recipe; returns `{"settings", "data", "runs", "summary", "recommendations"}`."""
-    args = parse_args(argv)
-    fw = framework_module(args.framework)  # fails early, with what to do
+def _data_facts(args, fw, data, parts, vocab, ev) -> dict:
     import numpy as np
-    from _movielens import MovieLensError, load_ratings, split, synthetic
-    from _two_tower_common import (
-        build_vocabulary,
-        comparison_table,
-        make_dataset,
-        make_eval_set,
-        steady,
-        summarize,
-    )
 
-    from keras_peft.io import atomic_write_json, atomic_write_text
-
-    try:
-        data = synthetic() if args.data == "synthetic" else load_ratings(
-            args.data, data_dir=args.tfds_data_dir)
-        parts = split(data, args.split, args.cutoff, args.adapt_fraction, args.seed)
-    except MovieLensError as e:
-        raise SystemExit(f"error: {e}") from None
-    vocab = build_vocabulary(data, parts, args.max_title_words)
-    ev = make_eval_set(data, parts)
-    info = {
+    return {
         "source": data.source,
         "framework": args.framework,
         "versions": fw.versions(),
@@ -362,18 +366,25 @@ def main(argv=None) -> dict:
         "evaluation_users_new": int(ev.new_user.sum()),
         "random_top_100": 100 / len(data.movie_ids),
     }
-    if args.verbose:
-        print(f"Framework: {args.framework} ({info['versions']}).\n"
-              f"Data: {data.source}: {len(data):,} ratings, {info['users']} users, "
-              f"{info['movies']} movies.\n{parts.description}: {info['pretrain']:,} pretrain, "
-              f"{info['adapt']:,} adapt, {info['evaluate']:,} evaluation ratings from "
-              f"{info['evaluation_users']} users ({info['evaluation_users_new']} new since "
-              f"pretraining). A random ranking has top-100 accuracy "
-              f"{info['random_top_100']:.4f}.", flush=True)
+
+
+def _print_data(args, info, data, parts) -> None:
+    print(f"Framework: {args.framework} ({info['versions']}).\n"
+          f"Data: {data.source}: {len(data):,} ratings, {info['users']} users, "
+          f"{info['movies']} movies.\n{parts.description}: {info['pretrain']:,} pretrain, "
+          f"{info['adapt']:,} adapt, {info['evaluate']:,} evaluation ratings from "
+          f"{info['evaluation_users']} users ({info['evaluation_users_new']} new since "
+          f"pretraining). A random ranking has top-100 accuracy "
+          f"{info['random_top_100']:.4f}.", flush=True)
+
+
+def _runs_over_seeds(args, fw, data, parts, vocab, ev):
+    """Per seed: pretraining on the earlier period, then every strategy from it.
+    Returns the results and the last model trained."""
+    from _two_tower_common import make_dataset, steady
 
     runs, last = [], None
     for seed in args.seeds:
-        # Pretraining on the earlier period, once per seed; every strategy starts from it.
         if args.verbose:
             print(f"\n=== pretraining (seed {seed}) ===", flush=True)
         model = fw.build_model(vocab, args, seed)
@@ -386,7 +397,43 @@ def main(argv=None) -> dict:
                                pretrain_per_epoch, seed)
             runs.append(out["result"])
             last = out["model"]
+    return runs, last
 
+
+def _write_outputs(args, result, info, parts, table) -> None:
+    seeds = ", ".join(map(str, args.seeds))
+    if args.compare:
+        _common.write_json(os.path.join(args.output_dir, "comparison.json"), result)
+        _common.write_text(os.path.join(args.output_dir, "comparison.md"),
+                           f"{info['source']}, {parts.description}; framework "
+                           f"{args.framework}; seeds {seeds}\n\n{table}\n")
+    else:
+        _common.write_json(os.path.join(args.output_dir, "results.json"), result)
+    if args.verbose:
+        print(f"\n{args.framework}, seeds {seeds}\n{table}\n\nResults in {args.output_dir}"
+              f"{os.sep}{'comparison.json' if args.compare else 'results.json'}", flush=True)
+
+
+def main(argv=None) -> dict:
+    """Runs the recipe; returns `{"settings", "data", "runs", "summary", "recommendations"}`."""
+    args = parse_args(argv)
+    fw = framework_module(args.framework)  # fails early, with what to do
+    from _movielens import MovieLensError, load_ratings, split, synthetic
+    from _two_tower_common import build_vocabulary, comparison_table, make_eval_set, summarize
+
+    try:
+        data = synthetic() if args.data == "synthetic" else load_ratings(
+            args.data, data_dir=args.tfds_data_dir)
+        parts = split(data, args.split, args.cutoff, args.adapt_fraction, args.seed)
+    except MovieLensError as e:
+        raise SystemExit(f"error: {e}") from None
+    vocab = build_vocabulary(data, parts, args.max_title_words)
+    ev = make_eval_set(data, parts)
+    info = _data_facts(args, fw, data, parts, vocab, ev)
+    if args.verbose:
+        _print_data(args, info, data, parts)
+
+    runs, last = _runs_over_seeds(args, fw, data, parts, vocab, ev)
     shown = args.strategies[-1]
     recs = fw.recommend(last, vocab, data, parts, ev, users=args.examples)
     if args.verbose:
@@ -397,19 +444,8 @@ def main(argv=None) -> dict:
     settings = {k: v for k, v in vars(args).items()}
     result = {"settings": settings, "data": info, "runs": runs, "summary": summary,
               "recommendations": {"strategy": shown, "users": recs}}
-    os.makedirs(args.output_dir, exist_ok=True)
     table = comparison_table(summary)
-    seeds = ", ".join(map(str, args.seeds))
-    if args.compare:
-        atomic_write_json(os.path.join(args.output_dir, "comparison.json"), result)
-        atomic_write_text(os.path.join(args.output_dir, "comparison.md"),
-                          f"{info['source']}, {parts.description}; framework "
-                          f"{args.framework}; seeds {seeds}\n\n{table}\n")
-    else:
-        atomic_write_json(os.path.join(args.output_dir, "results.json"), result)
-    if args.verbose:
-        print(f"\n{args.framework}, seeds {seeds}\n{table}\n\nResults in {args.output_dir}"
-              f"{os.sep}{'comparison.json' if args.compare else 'results.json'}", flush=True)
+    _write_outputs(args, result, info, parts, table)
     result["table"] = table
     return result
 
