@@ -425,7 +425,7 @@ def load_delta(model, path):
                                atol=1e-6)
     ```
     """
-    backend = require_built(model, "load_delta")
+    backend = require_built(model, "load_delta", "load_delta with")
     path = os.fspath(path)
     header, tensors = _read(path)
     record = _lora_record_of(header, path)
