@@ -457,7 +457,7 @@ def auto(
     ```
     """
     _check_args(num_batches, min_lr_scale, verbose, batch_size, data)
-    if not isinstance(model, keras.Model) or not model.built or not model.weights:
+    if not isinstance(model, keras.Model) or not keras3.is_built(model):  # Keras 3 only
         raise ValueError(
             "keras_peft.auto expects a built Keras 3 model (call it on a batch or "
             f"`model.build(input_shape)` first). Received: {model!r}."
