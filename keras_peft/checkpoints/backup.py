@@ -35,10 +35,14 @@ import json
 import os
 import uuid
 
-import keras
 import numpy as np
 
 from keras_peft.backends import keras3
+from keras_peft.backends.keras3_callbacks import (
+    BackupAndRestoreHooks,
+    initial_epoch,
+    set_initial_epoch,
+)
 from keras_peft.io import atomic_write_json
 
 __all__ = ["BackupAndRestore"]
@@ -47,7 +51,7 @@ POINTER = "backup.json"
 _FORMAT = "keras_peft.backup"
 
 
-class BackupAndRestore(keras.callbacks.BackupAndRestore):
+class BackupAndRestore(BackupAndRestoreHooks):
     """Backs up training state and resumes after an interruption, exactly (mid-epoch too).
 
     A drop-in replacement for `keras.callbacks.BackupAndRestore` with the
@@ -135,7 +139,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         return self._skipping
 
     # ----------------------------------------------------------------- save
-    def _save_model(self):
+    def save_backup(self):
         os.makedirs(self.backup_dir, exist_ok=True)
         name = f"ckpt-{uuid.uuid4().hex[:12]}.weights.h5"
         path = os.path.join(self.backup_dir, name)
@@ -144,7 +148,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             os.fsync(f.fileno())
         entry = {
             "weights": name,
-            "epoch": self._current_epoch,
+            "epoch": self.current_epoch,
             "batches_done": self._batches_done,
         }
         if self._batches_done:  # mid-epoch: the epoch's running metrics (not in weight files)
@@ -171,7 +175,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     def on_train_batch_end(self, batch, logs=None):
         if self._skipping:  # the restored state: nothing new to save
             return
-        self._current_epoch = self._epoch
+        self.current_epoch = self._epoch
         self._batches_done = batch + 1
         super().on_train_batch_end(batch, logs)
 
@@ -196,10 +200,10 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         self._resumed_at = None
         pointer = self._read_pointer()
         if not pointer:
-            if os.path.exists(self._weights_path):  # written by keras.callbacks.BackupAndRestore
+            if os.path.exists(self.weights_path):  # written by keras.callbacks.BackupAndRestore
                 super().on_train_begin(logs)
                 # Keras' callback puts the saved epoch on the model only.
-                self._resumed_at = (int(getattr(self.model, "_initial_epoch", 0) or 0), 0)
+                self._resumed_at = (initial_epoch(self.model), 0)
             return
         entries = [pointer["current"]] + ([pointer["previous"]] if pointer.get("previous") else [])
         for i, entry in enumerate(entries):
@@ -220,8 +224,8 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         if model.optimizer is not None and not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
         model.load_weights(os.path.join(self.backup_dir, entry["weights"]))
-        model._initial_epoch = entry["epoch"]
-        self._current_epoch = entry["epoch"]
+        set_initial_epoch(model, entry["epoch"])
+        self.current_epoch = entry["epoch"]
         self._resume_batches = int(entry["batches_done"])
         self._resumed_at = (int(entry["epoch"]), self._resume_batches)
         if self._resume_batches:
