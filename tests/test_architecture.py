@@ -151,10 +151,10 @@ def test_recipes_use_only_public_keras_peft_names():
                     and node.value.id == "keras_peft" and node.attr.startswith("_")
                     and not node.attr.startswith("__")):
                 private.setdefault(path.name, []).append(node.attr)
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("keras_peft"):
-                if any(part.startswith("_") for part in node.module.split(".")) or any(
-                        a.name.startswith("_") for a in node.names):
-                    private.setdefault(path.name, []).append(node.module)
+            if (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("keras_peft")
+                    and (any(part.startswith("_") for part in node.module.split("."))
+                         or any(a.name.startswith("_") for a in node.names))):
+                private.setdefault(path.name, []).append(node.module)
     assert private == {}
 
 

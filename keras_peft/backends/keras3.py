@@ -311,6 +311,11 @@ def node_fill_in(node, tensors_by_id: dict) -> tuple:
     return node.arguments.fill_in(tensors_by_id)
 
 
+def keras_mask(tensor):
+    """The mask a KerasTensor carries (`_keras_mask`), or None: Keras 3 has no public accessor."""
+    return getattr(tensor, "_keras_mask", None)
+
+
 def draws_random_numbers(layer) -> bool:
     """Whether `layer` itself owns a `SeedGenerator` (Dropout, noise, augmentation)."""
     return bool(getattr(layer, "_seed_generators", None))

@@ -23,6 +23,7 @@ import warnings
 
 import keras
 
+from keras_peft.backends import keras3
 from keras_peft.caching.errors import PrefixError
 from keras_peft.caching.graph import Graph, replay
 from keras_peft.model import get_rules, is_wrapped, wrap
@@ -66,9 +67,9 @@ class PrefixSplit:
                 f"The prefix of model {model.name!r} ({[steps[i].name for i in prefix_steps]}) "
                 "computes nothing that the rest of the model reads: there is nothing to cache."
             )
-        # KerasTensor._keras_mask (Keras private; no public accessor): a mask the cut would drop.
+        # A mask the cut would drop.
         masked = [graph.spec[k].name for k in cut_keys
-                  if getattr(graph.spec[k], "_keras_mask", None) is not None]
+                  if keras3.keras_mask(graph.spec[k]) is not None]
         if masked:
             raise PrefixError(
                 f"Tensors {masked} cross the split carrying a Keras mask (e.g. from "
