@@ -163,20 +163,9 @@ def test_keras3_weights_file_loads_into_a_model_wrapped_in_code():
 
 
 # -------------------------------------------------------------------- tf.keras
-def register_tf_keras_loader():
-    """Wraps a throwaway tf.keras model: keras_peft registers its tf.keras loader then.
-
-    keras_peft (d0401c9) registers `keras_peft>PeftModel` with tf_keras only when
-    it wraps a tf.keras model, so a process that has wrapped none cannot load a
-    tf.keras `.keras` file (see the xfail test at the end of this file).
-    """
-    keras_peft.wrap(tf_keras_base(), {".*": Rule()})
-
-
 def test_tf_keras_dot_keras_file_loads():
     tf_keras = pytest.importorskip("tf_keras")
     want = expected("tf_keras_expected.json")
-    register_tf_keras_loader()
     model = tf_keras.models.load_model(fixture("tf_keras_lora.keras"))
     assert int(model.optimizer.iterations.numpy()) == want["optimizer_iterations"]
     check_loaded(model, want)
