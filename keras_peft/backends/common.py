@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["as_class", "in_model_order", "layer_flags_shown_as", "lora_records", "walk_frozen"]
+__all__ = [
+    "as_class", "in_model_order", "layer_flags_shown_as", "lora_records", "walk_frozen",
+    "walk_once",
+]
 
 
 def walk_frozen(model, own_variables, children, *, own_flag: bool) -> dict[int, str]:
@@ -14,12 +17,8 @@ def walk_frozen(model, own_variables, children, *, own_flag: bool) -> dict[int, 
     that layer).
     """
     held: dict[int, str] = {}
-    seen: set[int] = set()
 
     def visit(layer, top):
-        if id(layer) in seen:
-            return
-        seen.add(id(layer))
         if not layer.trainable:
             top = top or layer.name
         elif own_flag:
@@ -27,11 +26,29 @@ def walk_frozen(model, own_variables, children, *, own_flag: bool) -> dict[int, 
         if top is not None:
             for v in own_variables(layer):
                 held.setdefault(id(v), top)
-        for child in children(layer):
-            visit(child, top)
+        return lambda child: top
 
-    visit(model, None)
+    walk_once(model, children, visit, None)
     return held
+
+
+def walk_once(model, children, visit, carried) -> None:
+    """Depth-first over `model`'s layers, each once (shared layers too).
+
+    `visit(layer, carried)` returns `for_child(child) -> carried`, what each
+    child receives (a path prefix, the name of a frozen parent).
+    """
+    seen: set[int] = set()
+
+    def step(layer, value):
+        if id(layer) in seen:
+            return
+        seen.add(id(layer))
+        for_child = visit(layer, value)
+        for child in children(layer):
+            step(child, for_child(child))
+
+    step(model, carried)
 
 
 def lora_records(backend, model) -> list[dict]:

@@ -207,18 +207,13 @@ def own_variables(layer) -> list:
 def _path_map(model) -> dict[int, str]:
     """`{id(variable): path}`: layer names from the model down, then the variable's name."""
     out: dict[int, str] = {}
-    visited: set[int] = set()
 
     def visit(layer, prefix):
-        if id(layer) in visited:
-            return
-        visited.add(id(layer))
         for v in own_variables(layer):
             out.setdefault(id(v), prefix + _short_name(v, layer.name))
-        for child in direct_sublayers(layer):
-            visit(child, f"{prefix}{child.name}/")
+        return lambda child: f"{prefix}{child.name}/"
 
-    visit(model, "")
+    common.walk_once(model, direct_sublayers, visit, "")
     return out
 
 
