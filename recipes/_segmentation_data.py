@@ -176,6 +176,25 @@ def _find_pair_folders(folder: str) -> tuple[str, str]:
     )
 
 
+def _paired_listings(image_dir: str, label_dir: str):
+    """stem -> file name in each folder; DataError unless every image has its mask."""
+    images, labels = _listing(image_dir), _listing(label_dir)
+    if not images:
+        raise DataError(f"{image_dir} has no files.")
+    missing = [images[s] for s in images if s not in labels]
+    if missing:
+        raise DataError(
+            f"{len(missing)} image(s) in {image_dir} have no mask in {label_dir} (paired by "
+            f"file stem): {missing[:5]}."
+        )
+    orphans = [labels[s] for s in labels if s not in images]
+    if orphans:
+        raise DataError(
+            f"{len(orphans)} mask(s) in {label_dir} have no image in {image_dir}: {orphans[:5]}."
+        )
+    return images, labels
+
+
 def load_folder(
     folder: str,
     image_size: int,
@@ -198,20 +217,7 @@ def load_folder(
             not in `mask_values`.
     """
     image_dir, label_dir = _find_pair_folders(folder)
-    images, labels = _listing(image_dir), _listing(label_dir)
-    if not images:
-        raise DataError(f"{image_dir} has no files.")
-    missing = [images[s] for s in images if s not in labels]
-    if missing:
-        raise DataError(
-            f"{len(missing)} image(s) in {image_dir} have no mask in {label_dir} (paired by "
-            f"file stem): {missing[:5]}."
-        )
-    orphans = [labels[s] for s in labels if s not in images]
-    if orphans:
-        raise DataError(
-            f"{len(orphans)} mask(s) in {label_dir} have no image in {image_dir}: {orphans[:5]}."
-        )
+    images, labels = _paired_listings(image_dir, label_dir)
     stems = list(images)[:max_examples] if max_examples else list(images)
     raw_images, raw_masks = [], []
     for stem in stems:
