@@ -90,12 +90,14 @@ def parse_strategy(
     choices: str | None = None,
     hints: Mapping[str, str] | None = None,
     empty_is_missing: bool = False,
+    strip: bool = True,
     error: type[Exception] = ValueError,
 ) -> tuple[str, str | None]:
     """Splits `spec` (`name` or `name<sep>arg`) and checks it against `known`.
 
     Args:
-        spec: the text given, e.g. `"lora:8"`; surrounding blanks are ignored.
+        spec: the text given, e.g. `"lora:8"`; surrounding blanks are ignored
+            unless `strip=False`.
         known: name -> `NO_ARG`, `NEEDS_ARG` or `OPTIONAL_ARG`.
         sep: what separates the name from its argument. A spec that is a
             known name as a whole is that name (so with `sep="_"`,
@@ -121,7 +123,7 @@ def parse_strategy(
     for kind in known.values():
         if kind not in _KINDS:
             raise TypeError(f"known: each kind must be one of {_KINDS}. Received: {kind!r}.")
-    spec = spec.strip()
+    spec = spec.strip() if strip else spec
     name, arg = _split(spec, known, sep)
     if arg == "" and empty_is_missing:
         arg = None

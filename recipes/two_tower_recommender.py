@@ -335,7 +335,7 @@ def _check_args(p, args) -> None:
         args.strategies = ["none"] + ([args.strategy] if args.strategy != "none" else [])
     for name in args.strategies:
         try:
-            _common.parse_strategy(name, _ARGUMENTS, wording=_WORDING)
+            _common.parse_strategy(name, _ARGUMENTS, wording=_WORDING, strip=False)
         except ValueError as e:
             p.error(str(e))
     for name in ("epochs", "adapt_epochs", "batch_size", "lora_rank", "id_dim",

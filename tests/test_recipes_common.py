@@ -67,6 +67,11 @@ def test_empty_arguments_can_count_as_missing():
         _common.parse_strategy("lora:", KNOWN, empty_is_missing=True)
 
 
+def test_blanks_can_be_kept():
+    with pytest.raises(ValueError, match="Unknown strategy ' full'"):
+        _common.parse_strategy(" full", KNOWN, strip=False)
+
+
 def test_the_error_class_and_bad_tables():
     with pytest.raises(SystemExit, match="Unknown strategy"):
         _common.parse_strategy("x", KNOWN, error=SystemExit)
