@@ -166,6 +166,8 @@ def worker(spec: dict) -> None:
         # tensorflow-recommenders needs Keras 2 as tf.keras; set before TensorFlow loads.
         os.environ["TF_USE_LEGACY_KERAS"] = "1"
     sys.path.insert(0, ROOT)
+    # bench/ab_trees.py measures another checkout's library in the same harness.
+    sys.path.insert(0, spec.get("library") or ROOT)
     import keras
     import numpy as np
     import tensorflow as tf
