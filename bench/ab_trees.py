@@ -33,24 +33,26 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=8)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true",
+                   help="the suite's tiny random models (a smoke run)")
     args = p.parse_args(argv)
     if not os.path.isdir(os.path.join(args.base, "keras_peft")):
         p.error(f"--base {args.base!r} has no keras_peft/ folder")
     configs = args.configs.split(",")
-    size = dict(run.MODELS[args.model])
+    size = dict((run.QUICK_MODELS if args.quick else run.MODELS)[args.model])
     trees = {"new": run.ROOT, "base": os.path.abspath(args.base)}
     log_dir = tempfile.mkdtemp(prefix="keras-peft-ab-")
     workers = {}
     try:
         for tree, library in trees.items():
             for config in configs:
-                spec = {"configs": [config], "size": size,
-                        "seed": args.seed, "quick": False, "precision": "auto", "jit": "auto",
+                spec = {"configs": [config], "size": size, "seed": args.seed,
+                        "quick": args.quick, "precision": "auto", "jit": "auto",
                         "library": library}
-                w = run.Worker(args.model, [config], spec, log_dir)
-                info = w.read("ready")
-                print(f"ready {tree}/{config}: trainable {info['trainable_params']:,}", flush=True)
-                workers[(tree, config)] = w
+                workers[(tree, config)] = run.Worker(args.model, [config], spec, log_dir)
+        for (tree, config), w in workers.items():  # started together, ready in turn
+            info = w.read("ready")
+            print(f"ready {tree}/{config}: trainable {info['trainable_params']:,}", flush=True)
         times = {key: [] for key in workers}
         for rep in range(args.reps):
             order = list(workers) if rep % 2 == 0 else list(workers)[::-1]

@@ -6,6 +6,7 @@ The smoke run checks that the suite runs and writes its table, not speeds.
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -55,3 +56,18 @@ def test_quick_run_writes_the_table_and_counts_the_same_lora_variables(tmp_path)
     assert all(r["median_ms"] > 0 for m in results["models"] for r in m["rows"].values())
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "suite.png").stat().st_size > 0
+
+
+def test_ab_trees_measures_two_checkouts_side_by_side():
+    script = os.path.join(ROOT, "bench", "ab_trees.py")
+    command = [sys.executable, script, "--base", ROOT, "--quick", "--configs", "plain,wrap_all",
+               "--reps", "2", "--steps", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "ready base/wrap_all" in out and "ready new/plain" in out
+    assert re.search(r"new: wrap overhead \(everything trainable / plain\) \d+\.\d{3} \(IQR", out)
+    assert re.search(r"new / base, wrap_all: \d+\.\d{3}", out)
+    bad = subprocess.run([sys.executable, script, "--base", "/nonexistent"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bad.returncode == 2 and "has no keras_peft/ folder" in bad.stderr
