@@ -137,11 +137,12 @@ from keras_peft.checkpoints.backup import BackupAndRestore  # noqa: E402
 
 __all__ += ["BackupAndRestore", "io"]
 
-# The wrapped-model class of each Keras registers itself with keras_peft.model.
 # tf.keras (Keras 2) and TensorFlow Recommenders models (docs/tf-keras.md). The module,
 # `keras_peft.tf_keras`, stays out of __all__: a star import would shadow the `tf_keras`
 # package itself.
 from keras_peft.tf_keras import MixedKerasError, require_legacy_keras  # noqa: E402
+
+# The wrapped-model class of each Keras registers itself with keras_peft.model on import.
 from keras_peft.wrapped import keras3 as _wrapped_keras3  # noqa: E402, F401
 from keras_peft.wrapped import tf_keras as _wrapped_tf_keras  # noqa: E402, F401
 
