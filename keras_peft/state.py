@@ -4,8 +4,12 @@ Everything keras-peft remembers about a model lives in one `ModelState`,
 attached to the model as the attribute `_keras_peft` (set with
 `object.__setattr__`, so that neither Keras tracks it). `state_of(model)`
 creates it on first use: `lora` records its adapters on a model before it
-is wrapped, `wrap` adds the policy. Other modules read and change it through
-its methods; only `keras_peft.policy` sets the policy fields.
+is wrapped, `wrap` adds the policy. Each field has one writer:
+`keras_peft.policy` the policy (`set_policy`: rules, plan, scales, frozen
+ids, version), `wrap` the flags before wrapping and the step kind, `unwrap`
+`clear_policy`, `nonfinite.configure` the guard, `lora`/`load_delta` the
+LoRA records (`add_lora`), `merge`/`unmerge` and checkpoint restore the
+merged layers and the exact values to assign after loading.
 """
 
 from __future__ import annotations
