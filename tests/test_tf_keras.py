@@ -333,3 +333,13 @@ def test_without_legacy_keras_tf_keras_models_work_and_tfrs_gets_told_what_to_do
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ERROR: tensorflow-recommenders needs `tf.keras` to be Keras 2" in done.stdout
     assert "export TF_USE_LEGACY_KERAS=1" in done.stdout
+
+
+def test_lora_refuses_a_layer_frozen_the_keras_way_before_any_change():
+    model = mlp()
+    model.get_layer("body").trainable = False
+    weights = len(model.weights)
+    with pytest.raises(keras_peft.FrozenLayerError, match=r"'body' \(1 variable\)"):
+        keras_peft.lora(model, rank=2, targets="body")
+    assert len(model.weights) == weights  # no adapter was added
+    assert keras_peft.lora_layer_paths(model)["body"].__class__ is tf_keras.layers.Dense
