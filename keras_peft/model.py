@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 import keras
 
 from keras_peft import nonfinite
+from keras_peft.adapters.config import AdapterConfig
 from keras_peft.backends import backend_for, common, require_built
 from keras_peft.policy import apply_policy, fit_rules_to_model, sync_optimizer
 from keras_peft.rules import Plan, Rule
@@ -161,7 +162,7 @@ class PeftModel:
         guard = state_of(self).nonfinite
         if guard is not None:
             config["skip_nonfinite"] = guard.get_config()
-        adapters = [{**r, "alpha": float(r["alpha"])} for r in common.lora_records(backend, self)]
+        adapters = common.lora_records(backend, self)
         if adapters and backend.config_has_lora():
             config["lora"] = adapters
         return config
@@ -219,7 +220,8 @@ def _restore_lora_layers(backend, model, records: list[dict]) -> None:
         )
     for layer, record in found:
         if backend.lora_adapters(layer) is None:
-            backend.enable_lora(layer, record["rank"], record["alpha"])
+            backend.enable_lora(
+                layer, AdapterConfig.from_dict(record, legacy=backend.LEGACY_IMPLEMENTATION))
     backend.reset_compiled_functions(model)
 
 

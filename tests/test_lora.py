@@ -1,4 +1,5 @@
-"""`lora`: Keras' built-in adapters as rules; `merge` and `unmerge`."""
+"""`lora`: adapters as rules (keras-peft's, and Keras' own with implementation="keras");
+`merge` and `unmerge`. The variants' formulas are tested in test_adapters.py."""
 
 import keras
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 
 import keras_peft
 from keras_peft import Rule
+from keras_peft.adapters import is_adapted
 from keras_peft.backends import keras3
 from keras_peft.state import state_of
 from tests.conftest import changed, compile_fit, regression_data, snapshot, tiny_mlp
@@ -33,6 +35,13 @@ def tokens(n=8, seed=0):
     return np.random.default_rng(seed).integers(0, 10, size=(n, 6)).astype("int32")
 
 
+def effective(layer):
+    """The weight an adapted layer computes with (either implementation)."""
+    if is_adapted(layer):
+        return keras.ops.convert_to_numpy(layer.effective_weight())
+    return (layer.embeddings if isinstance(layer, keras.layers.Embedding) else layer.kernel).numpy()
+
+
 def state(model):
     """Everything an error must leave alone: paths, values, flags."""
     return [(v.path, v.trainable, v.numpy().tobytes()) for v in model.weights]
@@ -54,7 +63,7 @@ def test_bert_lora_trains_only_adapters_and_head_base_kernels_bit_identical():
     assert {v.path for v in model.trainable_weights} == ADAPTERS | {"logits/kernel", "logits/bias"}
 
     layers = keras_peft.lora_layer_paths(model)
-    effective = {p: layers[p].kernel.numpy() for p in QV}
+    before_effective = {p: effective(layers[p]) for p in QV}
     before = snapshot(model)
     model.compile(
         optimizer=keras.optimizers.Adam(1e-2, name="adam"),
@@ -71,7 +80,7 @@ def test_bert_lora_trains_only_adapters_and_head_base_kernels_bit_identical():
     for p in QV:
         base = keras3.lora_base_variable(layers[p])
         np.testing.assert_array_equal(base.numpy(), before[base.path])  # bit-identical
-        assert not np.allclose(layers[p].kernel.numpy(), effective[p])  # effective moved
+        assert not np.allclose(effective(layers[p]), before_effective[p])  # effective moved
     slots = {v.path for v in model.optimizer.variables} - {"adam/iteration", "adam/learning_rate"}
     slot_owners = {s.removeprefix("adam/").rsplit("_", 1)[0] for s in slots}
     assert slot_owners == {p.replace("/", "_") for p in ADAPTERS | {"logits/kernel", "logits/bias"}}
@@ -95,12 +104,17 @@ def test_adapters_are_float32_with_keras_shapes_and_record():
     assert state_of(model).lora == [
         {
             "rank": 2,
-            "alpha": 8,
+            "alpha": 8.0,
+            "variant": "lora",
+            "rslora": False,
+            "dropout": 0.0,
+            "init": "default",
+            "implementation": "factored",
             "targets": "embed|conv|mix|dense",
             "layers": ["embed", "conv", "mix", "dense"],
         }
     ]
-    assert model.get_layer("dense").lora_alpha / model.get_layer("dense").lora_rank == 4
+    assert keras3.adapter_config(model.get_layer("dense")).scale == 4
     keras_peft.wrap(model, rules)
     assert {v.path for v in model.trainable_weights} == set(shapes) | {"head/kernel", "head/bias"}
 
@@ -108,14 +122,14 @@ def test_adapters_are_float32_with_keras_shapes_and_record():
 def test_alpha_defaults_to_rank_and_rest_none_leaves_others_undecided():
     model = tiny_mlp()
     rules = keras_peft.lora(model, rank=3, targets=r".*block_0", rest=None)
-    assert model.get_layer("block_0").lora_alpha == 3
+    assert keras3.adapter_config(model.get_layer("block_0")).alpha == 3
     assert ".*" not in rules
     plan = keras_peft.wrap(model, rules).peft_plan.by_path()
     assert plan["mlp/block_1/kernel"].pattern is None  # a later rule set decides
 
 
 def test_lora_then_fit_on_plain_keras_without_wrap():
-    """Without wrap, Keras' own flags apply: base kernels frozen by enable_lora."""
+    """Without wrap, Keras' own flags apply: lora freezes the base kernels, as enable_lora."""
     model = tiny_mlp()
     keras_peft.lora(model, rank=2, targets=r".*block_\d")
     before = snapshot(model)
@@ -169,7 +183,7 @@ def test_already_enabled_layer_raises_before_any_change():
     model.get_layer("block_1").enable_lora(2)
     before = state(model)
     with pytest.raises(
-        ValueError, match=r"Layer 'mlp/block_1' already has LoRA adapters \(rank 2\)"
+        ValueError, match=r"Layer 'mlp/block_1' already has LoRA adapters \(lora r=2 .*keras"
     ):
         keras_peft.lora(model, rank=4, targets=r".*block_\d")
     assert state(model) == before  # block_0 was not given adapters either
@@ -212,24 +226,21 @@ def test_merge_equals_adapted_model_and_unmerge_restores():
     model = _trained_every_kind()
     x = tokens()
     layers = {p: layer for p, layer in keras_peft.lora_layer_paths(model).items() if p != "head"}
-    effective = {
-        p: layer.embeddings.numpy() if p == "embed" else layer.kernel.numpy()
-        for p, layer in layers.items()
-    }
+    merged_values = {p: effective(layer) for p, layer in layers.items()}
     base = {p: keras3.lora_base_variable(layer).numpy() for p, layer in layers.items()}
     before = model.predict(x, verbose=0)  # traced with the adapters in
 
     assert keras_peft.merge(model) is model
     for p, layer in layers.items():
-        assert not layer.lora_enabled
+        assert not keras3.lora_active(layer)
         np.testing.assert_allclose(
-            keras3.lora_base_variable(layer).numpy(), effective[p], atol=1e-6
+            keras3.lora_base_variable(layer).numpy(), merged_values[p], atol=1e-6
         )
     np.testing.assert_allclose(model.predict(x, verbose=0), before, atol=1e-5)
 
     keras_peft.unmerge(model)
     for p, layer in layers.items():
-        assert layer.lora_enabled
+        assert keras3.lora_active(layer)
         np.testing.assert_allclose(keras3.lora_base_variable(layer).numpy(), base[p], atol=1e-6)
     np.testing.assert_allclose(model.predict(x, verbose=0), before, atol=1e-5)
 
@@ -264,9 +275,10 @@ def test_merged_weights_load_into_a_plain_base_model(tmp_path):
 def test_keras_load_model_zeroes_both_adapters(tmp_path):
     """Keras behaviour worth knowing: a saved LoRA model reloads with A = B = 0
     (the adapters merged into the kernel), so training its adapters further
-    starts at a saddle point where both gradients are zero. Use save_delta."""
+    starts at a saddle point where both gradients are zero. keras-peft's own adapters
+    keep their values (test_adapters.py)."""
     model = tiny_mlp()
-    keras_peft.lora(model, rank=2, targets=r".*block_0")
+    keras_peft.lora(model, rank=2, targets=r".*block_0", implementation="keras")
     model.get_layer("block_0").lora_kernel_b.assign(np.ones((2, 8)))
     model.save(str(tmp_path / "m.keras"))
     loaded = keras.models.load_model(str(tmp_path / "m.keras"))
@@ -277,10 +289,16 @@ def test_keras_load_model_zeroes_both_adapters(tmp_path):
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
 
 
-def test_int8_layers_take_adapters_but_refuse_merge():
+def test_int8_layers_take_keras_adapters_but_refuse_merge():
     model = tiny_mlp()
     model.quantize("int8")
-    keras_peft.wrap(model, keras_peft.lora(model, rank=2, targets=r".*block_\d"))
+    before = state(model)
+    with pytest.raises(ValueError, match=r"'mlp/block_0': it is quantized to 'int8'.*"
+                                         r"implementation='keras'"):
+        keras_peft.lora(model, rank=2, targets=r".*block_\d")
+    assert state(model) == before
+    keras_peft.wrap(model, keras_peft.lora(model, rank=2, targets=r".*block_\d",
+                                           implementation="keras"))
     assert {v.path for v in model.trainable_weights} == {
         f"mlp/block_{i}/lora_kernel_{ab}" for i in (0, 1) for ab in "ab"
     } | {"mlp/head/bias"}
@@ -295,6 +313,6 @@ def test_lora_refuses_a_layer_frozen_the_keras_way_before_any_change():
     model.get_layer("block_0").trainable = False
     with pytest.raises(keras_peft.FrozenLayerError, match=r"'block_0' \(1 variable\)"):
         keras_peft.lora(model, rank=2, targets=r".*block_\d")
-    assert all(getattr(layer, "lora_rank", None) is None for layer in model.layers)
+    assert not any(is_adapted(layer) for layer in model.layers)
     rules = keras_peft.lora(model, rank=2, targets=r".*block_1")  # the others are fine
     assert keras_peft.wrap(model, rules)

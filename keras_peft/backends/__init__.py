@@ -19,7 +19,7 @@ __all__ = ["INTERFACE", "backend_for", "backend_of_layer", "require_built", "ker
 
 INTERFACE = (
     # what a backend is called and says in errors
-    "NAME", "LORA_LAYERS", "BUILD_HINT", "keras_version",
+    "NAME", "LORA_LAYERS", "LEGACY_IMPLEMENTATION", "BUILD_HINT", "keras_version",
     # the model's structure
     "is_built", "flatten_layers", "direct_sublayers", "own_variables", "variable_paths",
     "variable_owners", "trainable_capable", "frozen_by_layer", "hidden_by_layers",
@@ -32,7 +32,8 @@ INTERFACE = (
     "register_loader",
     # LoRA
     "lora_layer_paths", "lora_adapters", "lora_base_variable", "lora_already", "lora_blocker",
-    "lora_adapter_shapes", "enable_lora", "set_lora_enabled",
+    "lora_adapter_shapes", "enable_lora", "set_lora_enabled", "adapter_config", "lora_active",
+    "adapter_kind",
     # deltas
     "delta_variables", "dtype_name", "to_numpy", "saved_trainable", "model_header",
 )

@@ -52,9 +52,10 @@ def walk_once(model, children, visit, carried) -> None:
 
 
 def lora_records(backend, model) -> list[dict]:
-    """`[{"layer", "rank", "alpha"}]` for every layer of `model` that has LoRA adapters."""
+    """`[{"layer", "rank", "alpha", "variant", ...}]` (`AdapterConfig.to_dict()` and the
+    layer path) for every layer of `model` that has LoRA adapters."""
     return [
-        {"layer": path, "rank": int(layer.lora_rank), "alpha": layer.lora_alpha}
+        {"layer": path, **backend.adapter_config(layer).to_dict()}
         for path, layer in backend.lora_layer_paths(model).items()
         if backend.lora_adapters(layer) is not None
     ]

@@ -9,15 +9,21 @@ says why it exists. The functions under "Backend interface" are the ones
 
 from __future__ import annotations
 
+import importlib
+
 import keras
 import numpy as np
 
+from keras_peft.adapters.config import AdapterConfig
+from keras_peft.adapters.kinds import KINDS, UnsupportedLayerError
+from keras_peft.adapters.layer import AdaptedLayer, adapter_shapes, check_adapter, is_adapted
 from keras_peft.backends import common
 from keras_peft.backends.common import walk_frozen
 from keras_peft.backends.tf_keras import check_not_mixed
 
 NAME = "keras3"
 LORA_LAYERS = "Dense/EinsumDense/Embedding/Conv layers"
+LEGACY_IMPLEMENTATION = "keras"  # adapter records written before keras-peft had its own
 BUILD_HINT = "call it on a batch, or `model.build(input_shape)`"
 
 
@@ -184,8 +190,35 @@ def lora_adapters(layer):
     return None if a is None or b is None else (a, b)
 
 
-def lora_blocker(layer) -> str | None:
-    """Why `layer.enable_lora` would fail, checked without calling it; None if it would not.
+def adapter_config(layer) -> AdapterConfig | None:
+    """The layer's adapter settings (keras-peft's or Keras' own LoRA), None without one."""
+    if is_adapted(layer):
+        return layer._peft_adapter
+    if lora_adapters(layer) is None:
+        return None
+    return AdapterConfig(rank=int(layer.lora_rank), alpha=layer.lora_alpha,
+                         implementation="keras")
+
+
+def lora_active(layer) -> bool:
+    """Whether the adapter computes (False once `merge` folded it into the weight)."""
+    return bool(layer._peft_active) if is_adapted(layer) else bool(layer.lora_enabled)
+
+
+def adapter_kind(layer) -> str:
+    """The `keras_peft.adapters.kinds` entry for a LoRA-capable Keras 3 layer."""
+    if isinstance(layer, keras.layers.Embedding):
+        return "embedding"
+    if isinstance(layer, keras.layers.EinsumDense):
+        return "einsum"
+    if isinstance(layer, keras.layers.Dense):
+        return "dense"
+    return "conv"
+
+
+def lora_blocker(layer, config: AdapterConfig | None = None) -> str | None:
+    """Why adding the adapter `config` (default: keras-peft's) to `layer` would fail, checked
+    without changing it; None if it would not.
 
     Keras raises only after part of the work is done; checking first lets
     `keras_peft.lora` refuse before it changes any layer.
@@ -201,14 +234,110 @@ def lora_blocker(layer) -> str | None:
             "does not support"
         )
     mode = getattr(layer, "quantization_mode", None)
+    keras_lora = config is not None and config.implementation == "keras"
+    if mode and not keras_lora:
+        return (f"it is quantized to {mode!r}; keras-peft's factored adapters need a float "
+                "layer: pass implementation='keras' (Keras' LoRA works on int8 layers)")
     if mode not in (None, "int8"):
         return f"it is quantized to {mode!r} (keras_peft supports LoRA on float and int8 layers)"
+    if not keras_lora:
+        try:
+            check_adapter(KINDS[adapter_kind(layer)], layer,
+                          tuple(lora_base_variable(layer).shape), config or AdapterConfig(1, 1))
+        except UnsupportedLayerError as e:
+            return str(e)
     return None
+
+
+# A layer with keras-peft's adapter is the model's own layer with its class swapped
+# for `Adapted<Class>` (see keras_peft.adapters.layer). In a `.keras` file it is
+# written as its own class's config plus the adapter's, under one registered name
+# that `AdaptedLayerLoader` reads back, and its weights file entry lists the
+# adapter's variables after the layer's own.
+_ADAPTED: dict[type, type] = {}
+_CONFIG_KEY = "keras_peft_adapter"
+_CLASS_KEY = "keras_peft_class"
+
+
+class _SavedAdapter(AdaptedLayer):
+    """The Keras 3 saving half of an adapted layer."""
+
+    def get_config(self):
+        plain = self._peft_plain_class
+        return {
+            **super().get_config(),
+            _CONFIG_KEY: {**self._peft_adapter.to_dict(), "active": self._peft_active},
+            _CLASS_KEY: {"module": plain.__module__, "class_name": plain.__name__,
+                         "registered_name": keras.saving.get_registered_name(plain)},
+        }
+
+    def _peft_base_variables(self) -> list:
+        adapter = {id(v) for v in self._peft_variables.values()}
+        return [v for v in self._trainable_variables + self._non_trainable_variables
+                if id(v) not in adapter]
+
+    def save_own_variables(self, store):
+        """The layer's own weights, then (unless merged) the adapter's. A merged layer
+        writes what its plain class would, so merged weights load into a plain model."""
+        base = self._peft_base_variables()
+        for i, v in enumerate(base):
+            store[str(i)] = v
+        if self._peft_active:
+            for i, v in enumerate(self._peft_variables.values()):
+                store[str(len(base) + i)] = v
+
+    def load_own_variables(self, store):
+        base, adapter = self._peft_base_variables(), list(self._peft_variables.values())
+        count = len(store.keys())
+        if count not in (len(base), len(base) + len(adapter)):
+            raise ValueError(
+                f"Layer {self.name!r} has {len(base)} weights and a LoRA adapter of "
+                f"{len(adapter)} variables, but the file lists {count} variables for it. "
+                "Load a file saved from this model, with the adapter added the same way.")
+        for i, v in enumerate(base + adapter[:count - len(base)]):
+            v.assign(store[str(i)])
+
+
+def _adapted_class(plain: type) -> type:
+    if plain not in _ADAPTED:
+        # The plain class's name: Keras' weight files name a list's layers by class name.
+        cls = type(plain.__name__, (_SavedAdapter, plain),
+                   {"__module__": __name__, "__qualname__": f"Adapted{plain.__name__}"})
+        keras.saving.register_keras_serializable(package="keras_peft", name="AdaptedLayer")(cls)
+        _ADAPTED[plain] = cls
+    keras.saving.get_custom_objects()["keras_peft>AdaptedLayer"] = AdaptedLayerLoader
+    return _ADAPTED[plain]
+
+
+class AdaptedLayerLoader:
+    """Reads an adapted layer from a `.keras` file: its own class, then the adapter."""
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        adapter, where = config.pop(_CONFIG_KEY), config.pop(_CLASS_KEY)
+        plain = keras.saving.get_registered_object(where["registered_name"])
+        if plain is None:
+            plain = getattr(importlib.import_module(where["module"]), where["class_name"])
+        layer = plain.from_config(config)
+        active = adapter.pop("active", True)
+        original_build = layer.build
+
+        def build(*args, **kwargs):  # the adapter needs the built weight
+            original_build(*args, **kwargs)
+            enable_lora(layer, AdapterConfig.from_dict(adapter))
+            set_lora_enabled(layer, active)
+
+        layer.build = build
+        return layer
 
 
 def set_lora_enabled(layer, enabled: bool) -> None:
     """Switches the adapters in or out of the forward pass (used by merge/unmerge)."""
-    layer.lora_enabled = enabled
+    if is_adapted(layer):
+        object.__setattr__(layer, "_peft_active", bool(enabled))
+    else:
+        layer.lora_enabled = enabled
 
 
 def reset_compiled_functions(model) -> None:
@@ -477,15 +606,44 @@ def lora_already(layer) -> bool:
     return bool(layer.lora_enabled) or lora_adapters(layer) is not None
 
 
-def enable_lora(layer, rank: int, alpha) -> None:
-    layer.enable_lora(rank, lora_alpha=alpha)
+def enable_lora(layer, config: AdapterConfig, *, initial=None) -> None:
+    """Adds the adapter `config` to `layer` (Keras' `enable_lora`, or keras-peft's layer).
+
+    `initial=(A0, B0)` gives PiSSA's factors instead of an SVD (`load_delta`).
+    """
+    if config.implementation == "keras":
+        layer.enable_lora(config.rank, lora_alpha=config.alpha)
+        return
+    plain = type(layer)
+    object.__setattr__(layer, "__class__", _adapted_class(plain))
+    object.__setattr__(layer, "_peft_plain_class", plain)
+    name = "_embeddings" if isinstance(layer, keras.layers.Embedding) else "_kernel"
+    dropout = None
+    layer._tracker.unlock()  # private: Keras' own enable_lora unlocks it the same way
+    try:
+        if config.dropout:
+            dropout = keras.layers.Dropout(config.dropout, name="lora_dropout")
+            layer.lora_dropout = dropout
+        layer._peft_attach(config, adapter_kind(layer), name, _adder(layer), dropout,
+                           initial)
+    finally:
+        layer._tracker.lock()
 
 
-def lora_adapter_shapes(layer, rank: int) -> dict[str, tuple]:
-    """`{adapter variable name: shape}` that `enable_lora(layer, rank)` creates."""
+def _adder(layer):
+    def add(name, shape, initializer, trainable):
+        return layer.add_weight(name=name, shape=shape, initializer=initializer,
+                                trainable=trainable, dtype=layer.variable_dtype)
+    return add
+
+
+def lora_adapter_shapes(layer, config: AdapterConfig) -> dict[str, tuple]:
+    """`{adapter variable name: shape}` that `enable_lora(layer, config)` creates."""
     base_shape = tuple(lora_base_variable(layer).shape)
-    a_name, b_name = lora_adapter_names(layer)
-    return {a_name: base_shape[:-1] + (rank,), b_name: (rank, base_shape[-1])}
+    if config.implementation == "keras":
+        a_name, b_name = lora_adapter_names(layer)
+        return {a_name: base_shape[:-1] + (config.rank,), b_name: (config.rank, base_shape[-1])}
+    return adapter_shapes(KINDS[adapter_kind(layer)], layer, base_shape, config)
 
 
 def delta_variables(model) -> list:

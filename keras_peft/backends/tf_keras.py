@@ -45,13 +45,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_peft.adapters.config import AdapterConfig
+from keras_peft.adapters.kinds import KINDS, UnsupportedLayerError
+from keras_peft.adapters.layer import AdaptedLayer, adapter_shapes, check_adapter, is_adapted
 from keras_peft.backends import common
 from keras_peft.backends.common import walk_frozen
 
 __all__ = ["MixedKerasError", "is_tf_keras_model", "legacy_keras_active", "require_legacy_keras"]
 
 NAME = "tf_keras"
-LORA_LAYERS = "Dense/Embedding layers"
+LORA_LAYERS = "Dense/Embedding/Conv layers"
+LEGACY_IMPLEMENTATION = "factored"  # its adapters were always keras-peft's
 BUILD_HINT = "call it, or each of its towers, on a batch, or `model.build(input_shape)`"
 _SUFFIX = re.compile(r":\d+$")
 _HOW_TO_CHOOSE = (
@@ -253,126 +257,110 @@ def trainable_capable(model) -> set[int]:
 
 
 # ----------------------------------------------------------------------- LoRA
-class _LoraEmbedding:
-    """Mixin for a tf.keras `Embedding` with a low-rank update of its table."""
-
-    def call(self, inputs):
-        outputs = super().call(inputs)
-        ids = inputs if inputs.dtype in (tf.int32, tf.int64) else tf.cast(inputs, "int32")
-        if not self.lora_enabled:
-            return outputs
-        delta = tf.matmul(tf.nn.embedding_lookup(self.lora_embeddings_a, ids),
-                          self.lora_embeddings_b)
-        return outputs + tf.cast(delta * (self.lora_alpha / self.lora_rank), outputs.dtype)
-
-    def effective_weight(self):
-        return self.embeddings + (self.lora_alpha / self.lora_rank) * tf.matmul(
-            self.lora_embeddings_a, self.lora_embeddings_b)
-
-
-class _LoraDense:
-    """Mixin for a tf.keras `Dense` computing with `kernel + alpha / rank * A @ B`."""
-
-    def call(self, inputs):
-        if not self.lora_enabled:
-            return super().call(inputs)
-        kernel = self.kernel
-        effective = kernel + tf.cast(
-            (self.lora_alpha / self.lora_rank)
-            * tf.matmul(self.lora_kernel_a, self.lora_kernel_b), kernel.dtype)
-        object.__setattr__(self, "kernel", effective)
-        try:
-            return super().call(inputs)
-        finally:
-            object.__setattr__(self, "kernel", kernel)
-
-    def effective_weight(self):
-        return self.kernel + (self.lora_alpha / self.lora_rank) * tf.matmul(
-            self.lora_kernel_a, self.lora_kernel_b)
-
-
+# tf.keras layers have no LoRA of their own: `enable_lora` swaps a layer's class
+# for `Adapted<Class>` (keras_peft.adapters.layer), the same factored adapter as in
+# Keras 3, on `Dense`, `Embedding` and `Conv1D/2D/3D`.
 _LORA_CLASSES: dict[type, type] = {}
 
 
-def _lora_kind(layer) -> str | None:
+def adapter_kind(layer) -> str | None:
     tf_keras = _tfk()
     if isinstance(layer, tf_keras.layers.Embedding):
-        return "embeddings"
+        return "embedding"
     if isinstance(layer, tf_keras.layers.Dense):
-        return "kernel"
+        return "dense"
+    if isinstance(layer, (tf_keras.layers.Conv1D, tf_keras.layers.Conv2D,
+                          tf_keras.layers.Conv3D)) and not isinstance(
+            layer, (tf_keras.layers.Conv1DTranspose, tf_keras.layers.Conv2DTranspose,
+                    tf_keras.layers.Conv3DTranspose)):
+        return "conv"
     return None
 
 
+def _base_name(layer) -> str:
+    return "embeddings" if adapter_kind(layer) == "embedding" else "kernel"
+
+
 def lora_adapters(layer):
-    kind = _lora_kind(layer)
-    a, b = getattr(layer, f"lora_{kind}_a", None), getattr(layer, f"lora_{kind}_b", None)
+    kind = adapter_kind(layer)
+    if kind is None:
+        return None
+    prefix = KINDS[kind].prefix
+    a, b = getattr(layer, f"{prefix}_a", None), getattr(layer, f"{prefix}_b", None)
     return None if a is None or b is None else (a, b)
 
 
+def adapter_config(layer) -> AdapterConfig | None:
+    return layer._peft_adapter if is_adapted(layer) else None
+
+
+def lora_active(layer) -> bool:
+    return bool(layer._peft_active)
+
+
 def lora_layer_paths(model) -> dict:
-    """`{layer path: layer}` for every built tf.keras `Embedding`/`Dense` of `model`."""
+    """`{layer path: layer}` for every built tf.keras `Embedding`/`Dense`/`Conv` of `model`."""
     paths = _path_map(model)
     out = {}
     for layer in flatten_layers(model):
-        kind = _lora_kind(layer)
-        if kind is None or not layer.built:
+        if adapter_kind(layer) is None or not layer.built:
             continue
-        base = getattr(layer, kind)
+        base = getattr(layer, _base_name(layer))
         out[paths[id(base)].rsplit("/", 1)[0] if "/" in paths[id(base)] else ""] = layer
     return out
 
 
-def enable_lora(layer, rank: int, alpha) -> None:
-    kind = _lora_kind(layer)
-    base = getattr(layer, kind)
-    mixin = _LoraEmbedding if kind == "embeddings" else _LoraDense
+def enable_lora(layer, config: AdapterConfig, *, initial=None) -> None:
+    """Adds keras-peft's adapter `config` to `layer` (see `keras3.enable_lora`)."""
     cls = type(layer)
     if cls not in _LORA_CLASSES:
-        _LORA_CLASSES[cls] = type(f"Lora{cls.__name__}", (mixin, cls),
-                                  {"__module__": __name__})
-    rows, cols = base.shape
-    # Keras 3's convention: A he_uniform, B zeros, so the layer starts unchanged.
-    a = layer.add_weight(name=f"lora_{kind}_a", shape=(rows, rank),
-                         initializer=_tfk().initializers.HeUniform(), dtype="float32")
-    b = layer.add_weight(name=f"lora_{kind}_b", shape=(rank, cols), initializer="zeros",
-                         dtype="float32")
-    object.__setattr__(layer, f"lora_{kind}_a", a)
-    object.__setattr__(layer, f"lora_{kind}_b", b)
-    object.__setattr__(layer, "lora_rank", rank)
-    object.__setattr__(layer, "lora_alpha", alpha)
-    object.__setattr__(layer, "lora_enabled", True)
+        _LORA_CLASSES[cls] = type(cls.__name__, (AdaptedLayer, cls),  # weight files use the
+                                  {"__module__": __name__,            # class name
+                                   "__qualname__": f"Adapted{cls.__name__}"})
     object.__setattr__(layer, "__class__", _LORA_CLASSES[cls])
+    dropout = _tfk().layers.Dropout(config.dropout) if config.dropout else None
 
+    def add(name, shape, initializer, trainable):
+        return layer.add_weight(name=name, shape=shape, initializer=initializer,
+                                trainable=trainable, dtype="float32")
 
+    layer._peft_attach(config, adapter_kind(layer), _base_name(layer), add, dropout,
+                       initial)
 
 
 def lora_base_variable(layer):
-    return getattr(layer, _lora_kind(layer))
+    return getattr(layer, _base_name(layer))
 
 
 def set_lora_enabled(layer, enabled: bool) -> None:
-    object.__setattr__(layer, "lora_enabled", enabled)
+    object.__setattr__(layer, "_peft_active", bool(enabled))
 
 
 def lora_already(layer) -> bool:
     return lora_adapters(layer) is not None
 
 
-def lora_blocker(layer) -> str | None:
-    """Why `enable_lora(layer)` cannot work; None if it can."""
+def lora_blocker(layer, config: AdapterConfig | None = None) -> str | None:
+    """Why `enable_lora(layer, config)` cannot work; None if it can."""
+    if config is not None and config.implementation == "keras":
+        return "tf.keras has no built-in LoRA (implementation='keras' is Keras 3 only)"
     constraint = getattr(layer, "embeddings_constraint", None) or getattr(
         layer, "kernel_constraint", None)
     if constraint is not None:
         return (f"it has a weight constraint ({type(constraint).__name__}), which LoRA "
                 "does not support")
+    try:
+        check_adapter(KINDS[adapter_kind(layer)], layer, tuple(lora_base_variable(layer).shape),
+                      config or AdapterConfig(1, 1))
+    except UnsupportedLayerError as e:
+        return str(e)
     return None
 
 
-def lora_adapter_shapes(layer, rank: int) -> dict[str, tuple]:
-    """`{adapter variable name: shape}` that `enable_lora(layer, rank)` creates."""
-    kind = _lora_kind(layer)
-    rows, cols = getattr(layer, kind).shape
-    return {f"lora_{kind}_a": (rows, rank), f"lora_{kind}_b": (rank, cols)}
+def lora_adapter_shapes(layer, config: AdapterConfig) -> dict[str, tuple]:
+    """`{adapter variable name: shape}` that `enable_lora(layer, config)` creates."""
+    return adapter_shapes(KINDS[adapter_kind(layer)], layer,
+                          tuple(lora_base_variable(layer).shape), config)
 
 
 @contextlib.contextmanager

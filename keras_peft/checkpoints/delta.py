@@ -22,6 +22,7 @@ import safetensors
 import safetensors.numpy
 
 from keras_peft._version import __version__
+from keras_peft.adapters.config import AdapterConfig
 from keras_peft.backends import common, require_built
 from keras_peft.io import atomic_path
 from keras_peft.model import get_rules, wrap
@@ -278,7 +279,7 @@ def _fit_saved_paths(backend, model, header: dict, tensors: dict, record: list):
     if header.get("rules"):
         header["rules"] = {pattern(p): r for p, r in dict(header["rules"]).items()}
     tensors = {moved(p): a for p, a in tensors.items()}
-    record = [{**e, "layer": moved(e["layer"])} for e in record]
+    record = [(moved(name), config) for name, config in record]
     return header, tensors, record
 
 
@@ -286,27 +287,26 @@ def _plan_lora(backend, model, record: list, path: str) -> tuple[list, dict]:
     """Which layers need adapters, and the `{path: (shape, dtype)}` those will have."""
     layers = backend.lora_layer_paths(model)
     to_enable, expected, problems = [], {}, []
-    for entry in record:
-        name, rank, alpha = entry["layer"], entry["rank"], entry["alpha"]
+    for name, config in record:
         layer = layers.get(name)
         if layer is None:
-            problems.append(f"layer {name!r} is not in the model (or has no built-in LoRA)")
+            problems.append(f"layer {name!r} is not in the model (or cannot have LoRA)")
             continue
         if backend.lora_adapters(layer) is not None:
-            if not layer.lora_enabled or (layer.lora_rank, layer.lora_alpha) != (rank, alpha):
+            have = backend.adapter_config(layer)
+            if not backend.lora_active(layer) or have != config:
                 problems.append(
-                    f"layer {name!r} already has LoRA (rank {layer.lora_rank}, "
-                    f"alpha {layer.lora_alpha}, enabled={layer.lora_enabled}); the delta "
-                    f"has rank {rank}, alpha {alpha}"
+                    f"layer {name!r} already has LoRA ({have.describe()}, "
+                    f"enabled={backend.lora_active(layer)}); the delta has {config.describe()}"
                 )
             continue  # same adapters already there: just assign them
-        reason = backend.lora_blocker(layer)
+        reason = backend.lora_blocker(layer, config)
         if reason:
             problems.append(f"layer {name!r} cannot have LoRA: {reason}")
             continue
-        for adapter, shape in backend.lora_adapter_shapes(layer, rank).items():
+        for adapter, shape in backend.lora_adapter_shapes(layer, config).items():
             expected[f"{name}/{adapter}" if name else adapter] = (shape, "float32")
-        to_enable.append((layer, rank, alpha))
+        to_enable.append((layer, name, config))
     if problems:
         raise DeltaMismatchError(
             f"Delta file {path!r} has LoRA adapters that this model cannot take "
@@ -428,32 +428,39 @@ def load_delta(model, path):
     backend = require_built(model, "load_delta", "load_delta with")
     path = os.fspath(path)
     header, tensors = _read(path)
-    record = _lora_record_of(header, path)
+    record = _lora_record_of(backend, header, path)
     header, tensors, record = _fit_saved_paths(backend, model, header, tensors, record)
     to_enable, planned = _plan_lora(backend, model, record, path)
     _check_fit(backend, model, header, tensors, planned, path)
     _apply(backend, model, header, tensors, to_enable)
-    if to_enable:
-        names = {id(layer): p for p, layer in backend.lora_layer_paths(model).items()}
-        groups: dict = {}
-        for layer, rank, alpha in to_enable:
-            groups.setdefault((rank, alpha), []).append(names[id(layer)])
-        for (r, a), layers in groups.items():
-            state_of(model).add_lora(
-                {"rank": r, "alpha": a, "targets": None, "layers": layers, "source": path})
+    groups: dict = {}
+    for _, name, config in to_enable:
+        groups.setdefault(config, []).append(name)
+    for config, layers in groups.items():
+        state_of(model).add_lora(
+            {**config.to_dict(), "targets": None, "layers": layers, "source": path})
     return model
 
 
-def _lora_record_of(header: dict, path: str) -> list[dict]:
+def _lora_record_of(backend, header: dict, path: str) -> list[tuple[str, AdapterConfig]]:
     try:
         return [
-            {"layer": str(e["layer"]), "rank": int(e["rank"]), "alpha": e["alpha"]}
+            (str(e["layer"]), AdapterConfig.from_dict(e, legacy=backend.LEGACY_IMPLEMENTATION))
             for e in header.get("lora") or []
         ]
     except (KeyError, TypeError, ValueError) as e:
         raise DeltaFileError(
             f"Cannot read delta file {path!r}: its LoRA record is damaged ({e})."
         ) from None
+
+
+def _pissa_initial(name: str, config: AdapterConfig, prefix: str, tensors: dict):
+    """PiSSA's saved initial factors of layer `name`, so that its residual weight is
+    re-created from the fresh base (not from a new SVD); None for other adapters."""
+    if config.init != "pissa":
+        return None
+    at = f"{name}/" if name else ""
+    return tensors[f"{at}{prefix}_a_init"], tensors[f"{at}{prefix}_b_init"]
 
 
 def _apply(backend, model, header: dict, tensors: dict, to_enable: list) -> None:
@@ -468,8 +475,10 @@ def _apply(backend, model, header: dict, tensors: dict, to_enable: list) -> None
     values = [(v, backend.to_numpy(v)) for v in model.weights if paths[id(v)] in tensors]
     enabled = []
     try:
-        for layer, rank, alpha in to_enable:
-            backend.enable_lora(layer, rank, alpha)
+        for layer, name, config in to_enable:
+            prefix = next(iter(backend.lora_adapter_shapes(layer, config))).rsplit("_", 1)[0]
+            backend.enable_lora(layer, config,
+                                initial=_pissa_initial(name, config, prefix, tensors))
             enabled.append(layer)
         by_path = dict(zip(backend.variable_paths(model), model.weights))
         for p, value in tensors.items():

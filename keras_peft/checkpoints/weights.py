@@ -100,11 +100,12 @@ def capture(model) -> tuple[dict, list[np.ndarray]]:
     lora = []
     for path, layer in _lora_layers(model):
         own = [v for v in keras3.own_variables(layer) if id(v) in index]
+        config = keras3.adapter_config(layer)
         lora.append({
             "layer": path,
-            "rank": int(layer.lora_rank),
-            "alpha": layer.lora_alpha,
-            "enabled": bool(layer.lora_enabled),
+            "rank": int(config.rank),
+            "alpha": config.alpha,
+            "enabled": keras3.lora_active(layer),
             "values": {str(index[id(v)]): add(v) for v in own},
         })
     seeds = [[name, add(generator.state)] for name, generator in _seed_entries(model)]
@@ -180,9 +181,10 @@ def _check_lora(model, state: dict, mapped: list) -> list:
                 f"{entry['layer']!r}, which has none in model {model.name!r}. Add them "
                 "before loading, as the training script did (keras_peft.lora(model, ...))."
             )
-        if layer.lora_alpha != entry["alpha"]:
+        alpha = keras3.adapter_config(layer).alpha
+        if alpha != entry["alpha"]:
             raise CheckpointMismatchError(
-                f"Layer {entry['layer']!r} has LoRA alpha {layer.lora_alpha} in model "
+                f"Layer {entry['layer']!r} has LoRA alpha {alpha} in model "
                 f"{model.name!r} but {entry['alpha']} in the weights file. Use the alpha "
                 "the checkpoint was trained with."
             )
