@@ -210,11 +210,21 @@ def test_state_that_does_not_fit_raises_a_clear_error(tmp_path):
     model.save_weights(tmp_path / "w.weights.h5")
     without_lora = keras_peft.wrap(functional(), {".*": Rule()})
     before = [(v.path, v.trainable) for v in without_lora.weights]
+    # keras-peft's adapters are in their layers' entries: Keras refuses the layer.
+    with pytest.raises(ValueError, match=r"'block_0' expected 2 variables, but received 4"):
+        without_lora.load_weights(tmp_path / "w.weights.h5")
+    assert [(v.path, v.trainable) for v in without_lora.weights] == before
+
+    # Keras' own LoRA writes its layers plain: the keras_peft state says what is missing.
+    keras_lora = functional()
+    keras_peft.wrap(keras_lora, keras_peft.lora(keras_lora, rank=2, targets=r"block_\d",
+                                                implementation="keras"))
+    keras_lora.save_weights(tmp_path / "k.weights.h5")
     with pytest.raises(ValueError, match=(
             r"(?s)keras_peft state of model 'net'.*saved from a model with 10 variables; model "
             r"'net' has 6, and 4 saved paths are not in it \(e.g. \['block_0/lora_kernel_a'.*"
             r"keras_peft.lora\(...\) again if it had adapters")):
-        without_lora.load_weights(tmp_path / "w.weights.h5")
+        without_lora.load_weights(tmp_path / "k.weights.h5")
     assert [(v.path, v.trainable) for v in without_lora.weights] == before
     assert set(without_lora.peft_rules) == {".*"}
 

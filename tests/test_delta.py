@@ -11,6 +11,7 @@ import safetensors.numpy
 
 import keras_peft
 from keras_peft import Rule
+from keras_peft.backends import keras3
 from keras_peft.state import state_of
 from tests.conftest import compile_fit, regression_data, tiny_mlp
 from tests.helpers import tiny_bert_classifier
@@ -49,8 +50,9 @@ def test_lora_delta_round_trip_restores_predictions_rules_and_flags(tmp_path):
     assert keys == trained  # only the adapters and the head, by path
     assert meta["format"] == "keras_peft.delta" and meta["version"] == 2
     assert meta["lora"] == [
-        {"layer": "mlp/block_0", "rank": 2, "alpha": 4},
-        {"layer": "mlp/block_1", "rank": 2, "alpha": 4},
+        {"layer": f"mlp/block_{i}", "rank": 2, "alpha": 4.0, "variant": "lora", "rslora": False,
+         "dropout": 0.0, "init": "default", "implementation": "factored"}
+        for i in (0, 1)
     ]
     assert meta["rules"] == {p: r.get_config() for p, r in model.peft_rules.items()}
     assert meta["variables"]["mlp/block_0/lora_kernel_a"] == {
@@ -68,7 +70,7 @@ def test_lora_delta_round_trip_restores_predictions_rules_and_flags(tmp_path):
     assert [(v.path, v.trainable) for v in fresh.weights] == [
         (v.path, v.trainable) for v in model.weights
     ]
-    assert fresh.get_layer("block_0").lora_alpha == 4
+    assert keras3.adapter_config(fresh.get_layer("block_0")).alpha == 4
     assert state_of(fresh).lora[-1]["layers"] == ["mlp/block_0", "mlp/block_1"]
     compile_fit(fresh)  # and it trains on
 
@@ -364,7 +366,7 @@ def test_model_with_other_adapters_raises_unchanged(saved):
     model.get_layer("block_1").enable_lora(3)
     before = state(model)
     with pytest.raises(
-        keras_peft.DeltaMismatchError, match=r"layer 'mlp/block_1' already has LoRA \(rank 3"
+        keras_peft.DeltaMismatchError, match=r"layer 'mlp/block_1' already has LoRA \(lora r=3 .*\[keras\]"
     ):
         keras_peft.load_delta(model, saved)
     assert state(model) == before
@@ -414,7 +416,8 @@ def test_int8_base_model_round_trip(tmp_path):
         return model
 
     model = base()
-    keras_peft.wrap(model, keras_peft.lora(model, rank=2, targets=r".*block_\d"))
+    keras_peft.wrap(model, keras_peft.lora(model, rank=2, targets=r".*block_\d",
+                                           implementation="keras"))
     compile_fit(model)
     keras_peft.save_delta(model, tmp_path / "q.safetensors")
     assert "mlp/block_0/kernel" not in header(tmp_path / "q.safetensors")[1]

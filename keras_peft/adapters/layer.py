@@ -118,7 +118,6 @@ class AdaptedLayer:
         base = getattr(self, base_name)
         w_shape = tuple(base.shape)
         check_adapter(spec, self, w_shape, config)
-        base.trainable = False  # as Keras' enable_lora does: plain `fit` trains the adapter
         _set(self, "_peft_adapter", config)
         _set(self, "_peft_kind", kind)
         _set(self, "_peft_base_name", base_name)

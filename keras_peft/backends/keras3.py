@@ -626,6 +626,7 @@ def enable_lora(layer, config: AdapterConfig, *, initial=None) -> None:
             layer.lora_dropout = dropout
         layer._peft_attach(config, adapter_kind(layer), name, _adder(layer), dropout,
                            initial)
+        getattr(layer, name).trainable = False  # as enable_lora: plain `fit` trains the adapter
     finally:
         layer._tracker.lock()
 

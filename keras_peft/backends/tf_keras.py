@@ -310,13 +310,20 @@ def lora_layer_paths(model) -> dict:
     return out
 
 
+def _call(self, inputs):
+    """`call(inputs)`, the signature of the tf.keras layers adapted (a SavedModel traces
+    the layer with it); dropout follows the learning phase."""
+    return AdaptedLayer.call(self, inputs)
+
+
 def enable_lora(layer, config: AdapterConfig, *, initial=None) -> None:
     """Adds keras-peft's adapter `config` to `layer` (see `keras3.enable_lora`)."""
     cls = type(layer)
     if cls not in _LORA_CLASSES:
-        _LORA_CLASSES[cls] = type(cls.__name__, (AdaptedLayer, cls),  # weight files use the
-                                  {"__module__": __name__,            # class name
-                                   "__qualname__": f"Adapted{cls.__name__}"})
+        # `Lora<Class>`: tf.keras' weight files name layers by class name, and files
+        # written by earlier keras-peft versions say `lora_dense`.
+        _LORA_CLASSES[cls] = type(f"Lora{cls.__name__}", (AdaptedLayer, cls),
+                                  {"__module__": __name__, "call": _call})
     object.__setattr__(layer, "__class__", _LORA_CLASSES[cls])
     dropout = _tfk().layers.Dropout(config.dropout) if config.dropout else None
 
