@@ -343,3 +343,37 @@ def test_lora_refuses_a_layer_frozen_the_keras_way_before_any_change():
         keras_peft.lora(model, rank=2, targets="body")
     assert len(model.weights) == weights  # no adapter was added
     assert keras_peft.lora_layer_paths(model)["body"].__class__ is tf_keras.layers.Dense
+
+
+def test_tf_keras_dense_embedding_conv_adapters_match_their_formulas_and_merge():
+    """The same factored adapters as in Keras 3 (DoRA here), through the tf.keras backend."""
+    tf_keras.utils.set_random_seed(0)
+    ids = tf_keras.Input((4,), dtype="int32")
+    h = tf_keras.layers.Embedding(10, 6, name="embed")(ids)
+    h = tf_keras.layers.Reshape((2, 2, 6))(h)
+    h = tf_keras.layers.Conv2D(3, 1, name="conv")(h)
+    h = tf_keras.layers.Flatten()(h)
+    h = tf_keras.layers.Dense(5, activation="relu", name="dense")(h)
+    model = tf_keras.Model(ids, tf_keras.layers.Dense(1, name="head")(h), name="kinds")
+    x = np.random.default_rng(0).integers(0, 10, (3, 4)).astype("int32")
+    before = model.predict(x, verbose=0)
+    keras_peft.lora(model, rank=2, targets="embed|conv|dense", variant="dora")
+    np.testing.assert_allclose(model.predict(x, verbose=0), before, atol=1e-6)  # m = ||W||
+    rng = np.random.default_rng(1)
+    for name in ("embed", "conv", "dense"):
+        for v in model.get_layer(name)._peft_variables.values():
+            if v.trainable:
+                v.assign(v.numpy() + 0.3 * rng.standard_normal(v.shape).astype("float32"))
+    dense = model.get_layer("dense")
+    w, b = dense.kernel.numpy(), dense.bias.numpy()
+    eff = w + dense.lora_kernel_a.numpy() @ dense.lora_kernel_b.numpy()
+    eff = eff * dense.lora_kernel_magnitude.numpy() / np.linalg.norm(eff, axis=0)
+    probe = tf_keras.Model(model.input, [dense.input, dense.output])
+    inputs, outputs = (t.numpy() for t in probe(x))
+    np.testing.assert_allclose(outputs, np.maximum(inputs @ eff + b, 0), rtol=1e-4, atol=1e-5)
+    adapted = model.predict(x, verbose=0)
+    keras_peft.merge(model)
+    np.testing.assert_allclose(model.predict(x, verbose=0), adapted, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dense.kernel.numpy(), eff, rtol=1e-5, atol=1e-6)
+    keras_peft.unmerge(model)
+    np.testing.assert_allclose(dense.kernel.numpy(), w, rtol=1e-5, atol=1e-6)
