@@ -10,6 +10,9 @@ a file is first written.
   benchmark's plain names such as `top_layers_2`), checked against a table
   of names that take no argument, need one, or may take one. The wording of
   the errors is a parameter (`Wording`), so each recipe keeps its messages.
+- `parse_lora(name, arg)`: the adapter specs `lora:RANK[:OPTION...]`,
+  `dora:RANK[...]` and `pissa:RANK[...]` (`LORA_HELP` says the options), as
+  a `LoraSpec` whose `rules(model, targets)` calls `keras_peft.lora`.
 - `Timer` (a Keras 3 callback) and `make_timer(...)` (the same timer on any
   Callback base: tf.keras' for the TFRS path): wall and CPU seconds of
   every training batch or epoch.
@@ -35,6 +38,10 @@ __all__ = [
     "BERT_WORDING",
     "SEGMENTATION_WORDING",
     "parse_strategy",
+    "LORA_NAMES",
+    "LORA_HELP",
+    "LoraSpec",
+    "parse_lora",
     "TimerMixin",
     "make_timer",
     "timer_class",
@@ -154,6 +161,99 @@ def _split(spec: str, known: Mapping[str, str], sep: str) -> tuple[str, str | No
         start = at + 1
     name, found, arg = spec.partition(sep)
     return name, (arg if found else None)
+
+
+# ------------------------------------------------------------------- adapters
+LORA_NAMES = ("lora", "dora", "pissa")  # dora:R = lora:R with variant DoRA, pissa:R = PiSSA init
+LORA_HELP = (
+    "lora:RANK[:OPTION...] (also dora:RANK, pissa:RANK), options separated by ':': "
+    "all-linear (every Dense/EinsumDense in the blocks, instead of the recipe's default "
+    "layers), alpha=A (scale A/RANK; default RANK), rslora (scale A/sqrt(RANK)), "
+    "dropout=P, plus=RATIO (LoRA+: B at RATIO x the learning rate), bias (also train "
+    "the biases), norm (also train the normalization layers), keras (Keras' own LoRA), "
+    "e.g. lora:8:all-linear:bias:norm, dora:8, pissa:8, lora:8:plus=16"
+)
+_LORA_FLAGS = {"all-linear", "rslora", "bias", "norm", "keras"}
+_LORA_VALUES = {"alpha": float, "dropout": float, "plus": float}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """A parsed adapter spec: `keras_peft.lora`'s options and what trains beside it."""
+
+    rank: int
+    variant: str = "lora"
+    init: str = "default"
+    all_linear: bool = False
+    alpha: float | None = None
+    rslora: bool = False
+    dropout: float = 0.0
+    plus: float | None = None
+    keras: bool = False
+    bias: bool = False
+    norm: bool = False
+
+    def lora_kwargs(self, targets: str) -> dict:
+        """`keras_peft.lora` keyword arguments; `targets` is the recipe's default."""
+        return {"rank": self.rank, "alpha": self.alpha, "variant": self.variant,
+                "init": self.init, "rslora": self.rslora, "dropout": self.dropout,
+                "loraplus_ratio": self.plus,
+                "implementation": "keras" if self.keras else "factored",
+                "targets": "all-linear" if self.all_linear else targets}
+
+    def rules(self, model, targets: str) -> dict:
+        """Adds the adapters to `model`; the rules, with biases/norms trained if asked."""
+        import keras_peft  # here, not at the top: this module stays light
+
+        adapters = keras_peft.lora(model, rest=None, **self.lora_kwargs(targets))
+        extra = []
+        if self.bias:
+            extra.append(keras_peft.bitfit(model, rest=None))
+        if self.norm:
+            extra.append(keras_peft.norm_tuning(model, rest=None))
+        return keras_peft.combine(adapters, *extra, {".*": keras_peft.Rule(trainable=False,
+                                                                         note="frozen")})
+
+    def describe(self) -> str:
+        what = {"lora": "LoRA", "dora": "DoRA"}[self.variant]
+        parts = [f"{what} rank {self.rank}" + (" (PiSSA init)" if self.init == "pissa" else "")]
+        parts += [f"alpha {self.alpha:g}"] if self.alpha is not None else []
+        parts += ["rsLoRA"] if self.rslora else []
+        parts += [f"LoRA+ ratio {self.plus:g}"] if self.plus else []
+        parts += [f"dropout {self.dropout:g}"] if self.dropout else []
+        parts += ["+ biases"] if self.bias else []
+        parts += ["+ norms"] if self.norm else []
+        parts += ["(Keras' LoRA)"] if self.keras else []
+        return ", ".join(parts)
+
+
+def parse_lora(name: str, arg: str | None, *, error: type[Exception] = ValueError) -> LoraSpec:
+    """`lora`/`dora`/`pissa` and the text after `name:` (`8:all-linear:plus=16`) as a
+    `LoraSpec`; raises `error` saying what was wrong and what is accepted."""
+    spec = f"{name}:{arg}" if arg is not None else name
+
+    def bad(why):
+        return error(f"Bad adapter spec {spec!r}: {why}. Accepted: {LORA_HELP}.")
+
+    if name not in LORA_NAMES:
+        raise bad(f"{name!r} is not one of {', '.join(LORA_NAMES)}")
+    rank_text, *options = (arg or "").split(":")
+    if not rank_text.isdigit() or int(rank_text) < 1:
+        raise bad(f"the rank must be a positive integer, not {rank_text!r}")
+    fields: dict = {"rank": int(rank_text), "variant": "dora" if name == "dora" else "lora",
+                    "init": "pissa" if name == "pissa" else "default"}
+    for option in options:
+        key, has_value, value = option.partition("=")
+        if not has_value and key in _LORA_FLAGS:
+            fields[key.replace("-", "_")] = True
+        elif has_value and key in _LORA_VALUES:
+            try:
+                fields[key] = _LORA_VALUES[key](value)
+            except ValueError:
+                raise bad(f"{key}={value!r} is not a number") from None
+        else:
+            raise bad(f"unknown option {option!r}")
+    return LoraSpec(**fields)
 
 
 # ---------------------------------------------------------------------- timers

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import _common
 import numpy as np
 from _movielens import MovieLens, Split
 
@@ -166,9 +167,10 @@ def strategy_rules(name: str, model, args) -> dict | None:
         return {"candidate/.*": Rule(lr_scale=args.candidate_lr_scale, note="candidate tower"),
                 "query/.*": Rule(note="query tower")}
     if name == "lora_embeddings":
-        return keras_peft.lora(model, rank=args.lora_rank,
-                               targets=r"query/user_embedding|candidate/movie_embedding",
-                               rest=frozen)
+        spec = getattr(args, "lora", None) or f"lora:{args.lora_rank}"
+        lora_name, _, arg = spec.partition(":")
+        return _common.parse_lora(lora_name, arg).rules(
+            model, r"query/user_embedding|candidate/movie_embedding")
     raise ValueError(f"Unknown strategy {name!r}. Expected one of {', '.join(STRATEGIES)}.")
 
 

@@ -24,7 +24,10 @@ padding-aware mean of the last hidden states; the default is the
 checkpoint's own (mean for sentence-transformers checkpoints).
 
 Strategies (`--strategy`, or `--compare a,b,c`): full, head_only,
-top_layers:K, bitfit, lora:RANK, llrd:DECAY, gradual[:STEPS], auto[:BUDGET].
+top_layers:K, bitfit, lora:RANK[:OPTION...], dora:RANK[...], pissa:RANK[...],
+llrd:DECAY, gradual[:STEPS], auto[:BUDGET]. Adapters go on query and value
+unless `all-linear` is given; the options are in `--help` (e.g.
+`lora:8:all-linear:bias:norm`, `dora:8`, `lora:8:plus=16`).
 Each has a usual learning rate (`LEARNING_RATES`); `--learning-rate` overrides.
 
 Long runs: `--resume DIR` backs up to `DIR/<strategy>` (every epoch, or every
@@ -86,13 +89,15 @@ import keras_peft  # noqa: E402
 DEMO_DATA = os.path.join(HERE, "data", "sentiment_demo.tsv")
 DEFAULT_DATA = "tfds:glue/sst2"
 DEFAULT_OUTPUT_DIR = os.path.join("runs", "bert_text_classification")
-STRATEGIES = ("full", "head_only", "top_layers:K", "bitfit", "lora:RANK", "llrd:DECAY",
+STRATEGIES = ("full", "head_only", "top_layers:K", "bitfit", "lora:RANK[:OPTION...]",
+              "dora:RANK[:OPTION...]", "pissa:RANK[:OPTION...]", "llrd:DECAY",
               "gradual[:STEPS]", "auto[:BUDGET]")
 # The usual learning rate of each kind of strategy: the fewer parameters
 # train, the larger the rate. `auto` scales each variable's rate by its
 # relative gradient norm (at most 1), so its base rate is high too.
 LEARNING_RATES = {"full": 5e-5, "llrd": 1e-4, "top_layers": 1e-4, "gradual": 1e-4,
-                  "auto": 1e-3, "bitfit": 1e-3, "lora": 1e-3, "head_only": 1e-2}
+                  "auto": 1e-3, "bitfit": 1e-3, "lora": 1e-3, "dora": 1e-3, "pissa": 1e-3,
+                  "head_only": 1e-2}
 
 
 # ---------------------------------------------------------------- strategies
@@ -101,32 +106,36 @@ class Strategy:
     """A parsed `--strategy` value: `name`, its argument, and the text given."""
 
     name: str
-    arg: float | int | None
+    arg: float | int | _common.LoraSpec | None
     spec: str
 
     @property
     def slug(self) -> str:
         """A file-name-safe form of `spec` (`lora:8` -> `lora-8`)."""
-        return self.spec.replace(":", "-").replace("/", "_")
+        return self.spec.replace(":", "-").replace("/", "_").replace("=", "")
 
 
 _ARGUMENTS = {"full": _common.NO_ARG, "head_only": _common.NO_ARG, "bitfit": _common.NO_ARG,
               "top_layers": _common.NEEDS_ARG, "lora": _common.NEEDS_ARG,
-              "llrd": _common.NEEDS_ARG, "gradual": _common.OPTIONAL_ARG,
-              "auto": _common.OPTIONAL_ARG}
-_KINDS = {"top_layers": int, "lora": int, "llrd": float, "gradual": int, "auto": float}
+              "dora": _common.NEEDS_ARG, "pissa": _common.NEEDS_ARG, "llrd": _common.NEEDS_ARG,
+              "gradual": _common.OPTIONAL_ARG, "auto": _common.OPTIONAL_ARG}
+_KINDS = {"top_layers": int, "llrd": float, "gradual": int, "auto": float}
 
 
 def parse_strategy(spec: str) -> Strategy:
-    """Parses `full`, `head_only`, `top_layers:K`, `bitfit`, `lora:RANK`, `llrd:DECAY`,
-    `gradual[:STEPS]` or `auto[:BUDGET]`; raises ValueError naming the choices."""
+    """Parses `full`, `head_only`, `top_layers:K`, `bitfit`, `lora:RANK[:OPTION...]`
+    (and `dora:`, `pissa:`), `llrd:DECAY`, `gradual[:STEPS]` or `auto[:BUDGET]`; raises
+    ValueError naming the choices."""
     spec = spec.strip()
     choices = ", ".join(STRATEGIES)
     name, raw = _common.parse_strategy(
         spec, _ARGUMENTS, wording=_common.BERT_WORDING, choices=choices,
-        hints={n: "2" if kind is int else "0.8" for n, kind in _KINDS.items()})
+        hints={n: "2" if kind is int else "0.8" for n, kind in _KINDS.items()}
+        | {n: "8" for n in _common.LORA_NAMES})
     if raw is None:
         return Strategy(name, None, spec)
+    if name in _common.LORA_NAMES:
+        return Strategy(name, _common.parse_lora(name, raw), spec)
 
     def bad(why):
         return ValueError(f"Bad strategy {spec!r}: {why}. Choose from: {choices}.")
@@ -167,9 +176,10 @@ def strategy_rules(strategy: Strategy, model, train_ds, *, pooling: str, total_s
         rules = keras_peft.top_layers(model, arg)
     elif name == "bitfit":
         rules = keras_peft.bitfit(model)
-    elif name == "lora":
-        rules = keras_peft.lora(model, arg, targets=r".*(query|value)")
-        info["lora_targets"] = "query, value"
+    elif name in _common.LORA_NAMES:
+        rules = arg.rules(model, r".*(query|value)")
+        info["lora_targets"] = "all-linear" if arg.all_linear else "query, value"
+        info["adapter"] = arg.describe()
     elif name == "llrd":
         rules = keras_peft.layerwise_lr_decay(model, arg)
     elif name == "gradual":
@@ -632,7 +642,9 @@ def _add_data_options(p) -> None:
 
 
 def _add_training_options(p) -> None:
-    p.add_argument("--strategy", default="lora:8", help=f"one of: {', '.join(STRATEGIES)}")
+    p.add_argument("--strategy", default="lora:8",
+                   help=f"one of: {', '.join(STRATEGIES)}. Adapters: {_common.LORA_HELP} "
+                        "(default layers: query and value)")
     p.add_argument("--compare", default=None,
                    help="comma-separated strategies to run on the same data (replaces "
                         "--strategy), e.g. full,lora:8,bitfit")

@@ -29,8 +29,9 @@ Strategies (`--strategy`, or a comma-separated `--compare` list):
 `none` (evaluate only), `full`, `decoder` (everything after the encoder's last
 block: the U-Net decoder), `head_only`, `surgical[:B+B...]` (blocks by index,
 name, `stem`; default `0`, the encoder's first block), `top_layers:K`,
-`bitfit`, `norm_tuning`, `llrd:DECAY`, `lora:RANK` (on the encoder's
-convolutions), `auto[:BUDGET]` (Auto-RGN).
+`bitfit`, `norm_tuning`, `llrd:DECAY`, `lora:RANK[:OPTION...]`, `dora:RANK`,
+`pissa:RANK` (adapters on the encoder's convolutions; the options are in
+`--help`), `auto[:BUDGET]` (Auto-RGN).
 
 BatchNorm: a BatchNormalization layer none of whose variables train runs in
 inference mode (its statistics stay fixed); `--bn-train` lets such layers
@@ -72,7 +73,7 @@ DEFAULT_DATA = "tfds:oxford_iiit_pet"
 EXPERIMENT_STRATEGIES = ("none,full,surgical,surgical:stem+0,surgical:-2+-1,decoder,bitfit,"
                          "norm_tuning,lora:4,auto")
 STRATEGY_NAMES = ("none", "full", "decoder", "head_only", "surgical", "top_layers", "bitfit",
-                  "norm_tuning", "llrd", "lora", "auto")
+                  "norm_tuning", "llrd", "lora", "dora", "pissa", "auto")
 
 
 # ------------------------------------------------------------------- options
@@ -138,7 +139,9 @@ def _add_training_options(p) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--strategy", default="full",
                    help="none, full (default), decoder, head_only, surgical[:B+B...], "
-                   "top_layers:K, bitfit, norm_tuning, llrd:DECAY, lora:RANK, auto[:BUDGET]")
+                   "top_layers:K, bitfit, norm_tuning, llrd:DECAY, lora:RANK[:OPTION...], "
+                   f"dora:RANK, pissa:RANK, auto[:BUDGET]. Adapters: {_common.LORA_HELP} "
+                   "(default layers: the encoder's convolutions)")
     g.add_argument("--compare", default=None,
                    help="comma-separated strategies to run on the same data")
     g.add_argument("--bn-train", action="store_true",
@@ -263,13 +266,18 @@ def _check_args(parser, args):
 
 _ARGUMENTS = {name: _common.NO_ARG for name in STRATEGY_NAMES}
 _ARGUMENTS.update(top_layers=_common.NEEDS_ARG, llrd=_common.NEEDS_ARG, lora=_common.NEEDS_ARG,
+                  dora=_common.NEEDS_ARG, pissa=_common.NEEDS_ARG,
                   surgical=_common.OPTIONAL_ARG, auto=_common.OPTIONAL_ARG)
 
 
 def parse_strategy(spec: str) -> tuple[str, str | None]:
-    return _common.parse_strategy(
+    name, arg = _common.parse_strategy(
         spec, _ARGUMENTS, wording=_common.SEGMENTATION_WORDING, empty_is_missing=True,
-        hints={"top_layers": "K", "llrd": "DECAY", "lora": "RANK"})
+        hints={"top_layers": "K", "llrd": "DECAY", "lora": "RANK", "dora": "RANK",
+               "pissa": "RANK"})
+    if name in _common.LORA_NAMES:
+        _common.parse_lora(name, arg)  # a bad option fails here, before any work
+    return name, arg
 
 
 # ------------------------------------------------------------- strategies
@@ -314,10 +322,11 @@ def strategy_rules(model, spec: str, train_ds=None):
     if name == "llrd":
         decay = float(arg)
         return keras_peft.layerwise_lr_decay(model, decay), f"layer-wise lr decay {decay}"
-    if name == "lora":
-        rank = int(arg)
-        return (keras_peft.lora(model, rank, targets=_encoder_conv_targets(model)),
-                f"LoRA rank {rank} on the encoder's convolutions, and the head")
+    if name in _common.LORA_NAMES:
+        spec = _common.parse_lora(name, arg)
+        where = "every linear layer" if spec.all_linear else "the encoder's convolutions"
+        return (spec.rules(model, _encoder_conv_targets(model)),
+                f"{spec.describe()} on {where}, and the head")
     # auto
     budget = None
     if arg:

@@ -285,6 +285,9 @@ def _add_training_options(p) -> None:
     p.add_argument("--candidate-lr-scale", type=float, default=0.1,
                    help="tower_lr: lr_scale of the candidate tower")
     p.add_argument("--lora-rank", type=int, default=4)
+    p.add_argument("--lora", default=None, metavar="SPEC",
+                   help="lora_embeddings: the adapter, overriding --lora-rank (default "
+                        f"lora:RANK). {_common.LORA_HELP}")
     p.add_argument("--logq", action=argparse.BooleanOptionalAction, default=True,
                    help="correct the in-batch softmax for popularity (subtract log frequency)")
     p.add_argument("--remove-accidental-hits", action=argparse.BooleanOptionalAction,
@@ -336,6 +339,11 @@ def _check_args(p, args) -> None:
     for name in args.strategies:
         try:
             _common.parse_strategy(name, _ARGUMENTS, wording=_WORDING, strip=False)
+        except ValueError as e:
+            p.error(str(e))
+    if args.lora is not None:
+        try:
+            _common.parse_lora(*args.lora.partition(":")[::2])
         except ValueError as e:
             p.error(str(e))
     for name in ("epochs", "adapt_epochs", "batch_size", "lora_rank", "id_dim",

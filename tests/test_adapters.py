@@ -86,7 +86,8 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("options", VARIANTS, ids=lambda o: ",".join(map(str, o.values())) or "lora")
+@pytest.mark.parametrize("options", VARIANTS,
+                         ids=lambda o: ",".join(map(str, o.values())) or "lora")
 def test_every_kind_and_variant_matches_its_numpy_formula(options):
     model = every_kind()
     x = ids()

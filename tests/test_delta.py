@@ -366,7 +366,8 @@ def test_model_with_other_adapters_raises_unchanged(saved):
     model.get_layer("block_1").enable_lora(3)
     before = state(model)
     with pytest.raises(
-        keras_peft.DeltaMismatchError, match=r"layer 'mlp/block_1' already has LoRA \(lora r=3 .*\[keras\]"
+        keras_peft.DeltaMismatchError,
+        match=r"layer 'mlp/block_1' already has LoRA \(lora r=3 .*\[keras\]",
     ):
         keras_peft.load_delta(model, saved)
     assert state(model) == before
