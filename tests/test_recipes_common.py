@@ -79,6 +79,54 @@ def test_the_error_class_and_bad_tables():
         _common.parse_strategy("full", {"full": int})
 
 
+# ---------------------------------------------------------------- adapters
+@pytest.mark.parametrize("name, arg, expected", [
+    ("lora", "8", _common.LoraSpec(rank=8)),
+    ("dora", "4", _common.LoraSpec(rank=4, variant="dora")),
+    ("pissa", "8:all-linear", _common.LoraSpec(rank=8, init="pissa", all_linear=True)),
+    ("lora", "8:plus=16:alpha=32:rslora:dropout=0.1:bias:norm:keras",
+     _common.LoraSpec(rank=8, plus=16.0, alpha=32.0, rslora=True, dropout=0.1, bias=True,
+                      norm=True, keras=True)),
+])
+def test_adapter_specs(name, arg, expected):
+    spec = _common.parse_lora(name, arg)
+    assert spec == expected
+    kwargs = spec.lora_kwargs("default-targets")
+    assert kwargs["targets"] == ("all-linear" if spec.all_linear else "default-targets")
+    assert kwargs["variant"] == spec.variant and kwargs["loraplus_ratio"] == spec.plus
+
+
+@pytest.mark.parametrize("name, arg, message", [
+    ("lora", "x", r"the rank must be a positive integer, not 'x'"),
+    ("lora", "0", r"the rank must be a positive integer, not '0'"),
+    ("lora", "8:plus", r"unknown option 'plus'"),
+    ("lora", "8:plus=a", r"plus='a' is not a number"),
+    ("lora", "8:qv", r"unknown option 'qv'.*Accepted: lora:RANK\[:OPTION"),
+    ("vera", "8", r"'vera' is not one of lora, dora, pissa"),
+])
+def test_bad_adapter_specs_say_what_is_accepted(name, arg, message):
+    with pytest.raises(ValueError, match=rf"Bad adapter spec '{name}:{arg}': {message}"):
+        _common.parse_lora(name, arg)
+
+
+def test_adapter_spec_rules_train_adapters_biases_and_norms():
+    import keras_peft
+    from tests.helpers import tiny_bert_classifier
+
+    model = tiny_bert_classifier()
+    rules = _common.parse_lora("lora", "2:all-linear:bias:norm").rules(model, "unused")
+    keras_peft.wrap(model, rules)
+    trained = {v.path for v in model.trainable_weights}
+    assert {p for p in trained if "lora" in p} == {
+        f"transformer_layer_{i}/{p}/lora_kernel_{ab}" for i in (0, 1) for ab in "ab" for p in (
+            "self_attention_layer/query", "self_attention_layer/key",
+            "self_attention_layer/value", "self_attention_layer/attention_output",
+            "feedforward_intermediate_dense", "feedforward_output_dense")}
+    assert "transformer_layer_0/self_attention_layer/query/bias" in trained
+    assert any(p.endswith("layer_norm/gamma") for p in trained)
+    assert not any(p.endswith("/kernel") and "logits" not in p for p in trained)
+
+
 def test_importing_it_imports_neither_tensorflow_nor_keras_peft():
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import _common; "
             "print(sorted(m for m in ('tensorflow', 'keras', 'keras_peft', 'numpy') "
