@@ -63,7 +63,12 @@ MOVIELENS = os.path.join(SHARED_DATA, "movielens-latest-small")
 MARK = "@@bench "  # worker -> parent protocol lines start with this
 
 OVERHEAD_TARGET = 1.05  # wrap everything-trainable / plain, at most
-LORA_TARGET = 1.00  # keras-peft lora / keras-hub enable_lora, at most
+LORA_TARGET = 0.92  # keras-peft lora(4) q/v / keras-hub enable_lora(4), at most
+ALL_LINEAR_TARGET = 0.80  # keras-peft all-linear lora(8) / full fine-tuning, at most
+CONV_LORA_TARGET = 0.80  # keras-peft conv lora(4) / full fine-tuning (CNN), at most
+# keras-hub's BERT layers that `targets="all-linear"` adapts, by name (enable_lora's way)
+HUB_ALL_LINEAR = ["query", "key", "value", "attention_output", "feedforward_intermediate_dense",
+                  "feedforward_output_dense"]
 FREEZE_TARGET = 0.90  # measured / theoretical speed-up of top_layers(2), at least
 
 # Sizes: model family -> settings. `quick` replaces them for the CI smoke run.
@@ -95,7 +100,10 @@ CONFIGS = {
     "top_layers_2": "keras-peft top_layers(2)",
     "bitfit": "keras-peft bitfit",
     "lora4": "keras-peft lora(4)",
+    "lora4_keras": "keras-peft lora(4), implementation='keras' (Keras' LoRA)",
     "hub_lora4": "keras-hub backbone.enable_lora(4)",
+    "lora8_all": "keras-peft lora(8), all-linear",
+    "hub_lora8_all": "keras-hub backbone.enable_lora(8) on every linear layer",
     # The two-tower recipe's own strategies (recipes/two_tower_recommender.py).
     "query_tower": "keras-peft: query tower only",
     "user_embeddings": "keras-peft: user-id embeddings only",
@@ -117,8 +125,9 @@ def parse_config(config: str, error: type[Exception] = ValueError) -> tuple[str,
 
 
 FAMILY_CONFIGS = {
-    "bert": ["plain", "wrap_all", "head_only", "top_layers_2", "bitfit", "lora4", "hub_lora4"],
-    "cnn": ["plain", "wrap_all", "head_only", "top_layers_2", "bitfit", "lora4"],
+    "bert": ["plain", "wrap_all", "head_only", "top_layers_2", "bitfit", "lora4", "lora4_keras",
+             "hub_lora4", "lora8_all", "hub_lora8_all"],
+    "cnn": ["plain", "wrap_all", "head_only", "top_layers_2", "bitfit", "lora4", "lora4_keras"],
     "two_tower": ["plain", "wrap_all", "query_tower", "user_embeddings", "lora_embeddings",
                   "new_id_embeddings"],
 }
@@ -412,6 +421,9 @@ def _configure(config: str, model, family: str, keras_peft) -> None:
     if config == "hub_lora4":
         model.backbone.enable_lora(4)
         return
+    if config == "hub_lora8_all":
+        model.backbone.enable_lora(8, target_layer_names=HUB_ALL_LINEAR)
+        return
     if config == "wrap_all":
         rules = keras_peft.full(model)
     elif config == "head_only":
@@ -420,15 +432,21 @@ def _configure(config: str, model, family: str, keras_peft) -> None:
         rules = keras_peft.top_layers(model, int(arg))
     elif config == "bitfit":
         rules = keras_peft.bitfit(model)
-    elif config == "lora4" and family == "bert":
+    elif config in ("lora4", "lora4_keras") and family == "bert":
         # keras-hub's enable_lora sets `layer.trainable = True` on the adapted layers
         # before enabling LoRA, so their biases train too; train the same variables.
         rules = keras_peft.combine(
             {r".*(query|value)/bias": Rule(note="bias, as enable_lora trains it")},
-            keras_peft.lora(model, 4, targets=r".*(query|value)"),
+            keras_peft.lora(model, 4, targets=r".*(query|value)",
+                            implementation="keras" if config == "lora4_keras" else "factored"),
         )
-    elif config == "lora4":
-        rules = keras_peft.lora(model, 4, targets=r".*block_\d+_conv")
+    elif config == "lora8_all":
+        rules = keras_peft.combine(  # the biases, as keras-hub's enable_lora trains them
+            {r".*transformer_layer_\d+/.*/bias": Rule(note="bias, as enable_lora trains it")},
+            keras_peft.lora(model, 8, targets="all-linear"))
+    elif config in ("lora4", "lora4_keras"):
+        rules = keras_peft.lora(model, 4, targets=r".*block_\d+_conv",
+                                implementation="keras" if config == "lora4_keras" else "factored")
     else:
         raise SystemExit(f"unknown configuration {config!r}")
     keras_peft.wrap(model, rules)
@@ -693,6 +711,18 @@ def _targets(rows: dict, judged: bool) -> list[dict]:
             f"<= {LORA_TARGET:.2f}", lambda r: r <= LORA_TARGET,
             f"IQR {_quantile(ratios, 0.25):.3f}-{_quantile(ratios, 0.75):.3f}; trainable "
             f"{b['trainable_params']:,} vs {a['trainable_params']:,}, same variables: {same}")
+    if "lora8_all" in rows:
+        row = rows["lora8_all"]
+        add("keras-peft all-linear lora(8) / full fine-tuning", row["ratio"], row["cpu_ratio"],
+            f"<= {ALL_LINEAR_TARGET:.2f}", lambda r: r <= ALL_LINEAR_TARGET,
+            f"IQR {row['ratio_q25']:.3f}-{row['ratio_q75']:.3f}; trainable "
+            f"{row['trainable_params']:,}")
+    if "lora4" in rows and "hub_lora4" not in rows and "lora4_keras" in rows:  # the CNN
+        row = rows["lora4"]
+        add("keras-peft conv lora(4) / full fine-tuning", row["ratio"], row["cpu_ratio"],
+            f"<= {CONV_LORA_TARGET:.2f}", lambda r: r <= CONV_LORA_TARGET,
+            f"IQR {row['ratio_q25']:.3f}-{row['ratio_q75']:.3f}; Keras' conv LoRA: "
+            f"{rows['lora4_keras']['ratio']:.3f}")
     if "top_layers_2" in rows:
         row = rows["top_layers_2"]
         add("top_layers(2) speed-up / theoretical", row["of_theory"], row["cpu_of_theory"],
