@@ -56,12 +56,16 @@ def numpy_reference(layer, x, config):
     p = "lora_embeddings" if isinstance(layer, keras.layers.Embedding) else "lora_kernel"
     v = {n: np.asarray(t, np.float64) for n, t in layer._peft_variables.items()}
     w = np.asarray(keras3.lora_base_variable(layer), np.float64)
-    a, b = v[f"{p}_a"].reshape(-1, config.rank), v[f"{p}_b"]
+    a, b = v[f"{p}_a"], v[f"{p}_b"]
+    if isinstance(layer, keras.layers.Conv2D):  # A: 1x1 to r channels, B: k x k from r
+        delta = np.einsum("ir,hwro->hwio", a, b).reshape(-1, w.shape[-1])
+    else:
+        delta = a @ b
     if isinstance(layer, keras.layers.EinsumDense):  # "btd,dhk->bthk": W as (d, h*k)
         w_mat = w.reshape(w.shape[0], -1)
     else:
         w_mat = w.reshape(-1, w.shape[-1])
-    eff = w_mat + config.scale * a @ b
+    eff = w_mat + config.scale * delta
     if config.variant == "dora":
         eff = eff * (v[f"{p}_magnitude"] / np.linalg.norm(eff, axis=0))
     if isinstance(layer, keras.layers.Embedding):

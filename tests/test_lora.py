@@ -86,15 +86,15 @@ def test_bert_lora_trains_only_adapters_and_head_base_kernels_bit_identical():
     assert slot_owners == {p.replace("/", "_") for p in ADAPTERS | {"logits/kernel", "logits/bias"}}
 
 
-def test_adapters_are_float32_with_keras_shapes_and_record():
+def test_adapters_are_float32_with_their_shapes_and_record():
     model = every_kind()
     rules = keras_peft.lora(model, rank=2, alpha=8, targets="embed|conv|mix|dense")
     shapes = {v.path: tuple(v.shape) for v in model.weights if "lora" in v.path}
     assert shapes == {
         "embed/lora_embeddings_a": (10, 2),
         "embed/lora_embeddings_b": (2, 4),
-        "conv/lora_kernel_a": (3, 4, 2),
-        "conv/lora_kernel_b": (2, 4),
+        "conv/lora_kernel_a": (4, 2),  # a 1x1 convolution to the rank's channels,
+        "conv/lora_kernel_b": (3, 2, 4),  # then the layer's kernel size from them
         "mix/lora_kernel_a": (4, 2),
         "mix/lora_kernel_b": (2, 4),
         "dense/lora_kernel_a": (4, 2),

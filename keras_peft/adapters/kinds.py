@@ -8,7 +8,15 @@ Every adapter sees its layer's weight `W` as a matrix of shape
 | dense | `(in, out)` | itself | `(in, r)` | `(r, out)` |
 | einsum | `EinsumDense` kernel | input x output axes | `(in, r)` flat | `(r, out)` flat |
 | embedding | `(vocab, dim)` | itself | `(vocab, r)` | `(r, dim)` |
-| conv | `(*k, c_in, c_out)` | `(prod(k) * c_in, c_out)` | `(*k, c_in, r)` | `(r, c_out)` |
+| conv | `(*k, c_in, c_out)` | `(prod(k) * c_in, c_out)` | `(c_in, r)` | `(*k, r, c_out)` |
+
+On a convolution `A` is a 1x1 convolution to `r` channels and `B` a
+convolution with the layer's kernel size from `r` channels (the weight
+update `ΔW[..., i, o] = sum_r A[i, r] B[..., r, o]`): it computes faster
+than a `k x k` convolution to `r` channels followed by a 1x1 (measured on
+CPU: 0.55 of a full step without XLA against 0.94), with the same number of
+parameters when `c_in = c_out`. The matrix `A @ B` approximates (for PiSSA)
+is then the weight seen as `(c_in, prod(k) * c_out)`: `factor_matrix`.
 
 Each kind computes the layer's linear part with its frozen weight
 (`linear`), the adapter's part from the factors without forming `B A`
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import tensorflow as tf
 
 __all__ = ["KINDS", "UnsupportedLayerError"]
@@ -63,6 +72,26 @@ class Dense:
     @staticmethod
     def from_matrix(layer, m, w_shape):
         return m
+
+    @classmethod
+    def delta_weight(cls, layer, a, b, w_shape):
+        """`A @ B` in the weight's layout."""
+        return cls.from_matrix(layer, tf.matmul(tf.reshape(a, (-1, b.shape[0])), b), w_shape)
+
+    @classmethod
+    def factor_matrix(cls, layer, w):
+        """The weight as the matrix `A @ B` approximates (PiSSA's SVD)."""
+        return cls.to_matrix(layer, w)
+
+    @classmethod
+    def from_factor_matrix(cls, layer, m, w_shape):
+        return cls.from_matrix(layer, m, w_shape)
+
+    @staticmethod
+    def factors_to_variables(layer, a, b, w_shape):
+        """PiSSA's `(A, B)` matrices in the variables' shapes."""
+        a_shape, b_shape = KINDS[layer._peft_kind].shapes(layer, w_shape, b.shape[0])
+        return np.reshape(a, a_shape), np.reshape(b, b_shape)
 
     @staticmethod
     def linear(layer, x, w):
@@ -129,7 +158,7 @@ class Conv(Dense):
 
     @staticmethod
     def shapes(layer, w_shape, r):
-        return (*w_shape[:-1], r), (r, w_shape[-1])
+        return (w_shape[-2], r), (*w_shape[:-2], r, w_shape[-1])
 
     @staticmethod
     def to_matrix(layer, w):
@@ -138,6 +167,31 @@ class Conv(Dense):
     @staticmethod
     def from_matrix(layer, m, w_shape):
         return tf.reshape(m, w_shape)
+
+    @staticmethod
+    def delta_weight(layer, a, b, w_shape):
+        return tf.einsum("ir,...ro->...io", a, b)
+
+    @staticmethod
+    def _to_front(n):  # (*k, c_in, c_out) -> (c_in, *k, c_out)
+        return [n - 2, *range(n - 2), n - 1]
+
+    @staticmethod
+    def factor_matrix(layer, w):
+        w = tf.transpose(w, Conv._to_front(len(w.shape)))
+        return tf.reshape(w, (w.shape[0], -1))
+
+    @staticmethod
+    def from_factor_matrix(layer, m, w_shape):
+        order = Conv._to_front(len(w_shape))
+        m = tf.reshape(m, [w_shape[i] for i in order])
+        return tf.transpose(m, [order.index(i) for i in range(len(order))])
+
+    @staticmethod
+    def factors_to_variables(layer, a, b, w_shape):
+        k = list(w_shape[:-2])
+        b = np.reshape(b, (b.shape[0], *k, w_shape[-1]))  # (r, *k, c_out) -> (*k, r, c_out)
+        return np.asarray(a), np.moveaxis(b, 0, len(k))
 
     @staticmethod
     def linear(layer, x, w):
@@ -149,10 +203,12 @@ class Conv(Dense):
 
     @staticmethod
     def delta(layer, x, a, b):
-        t = layer.convolution_op(x, tf.cast(a, x.dtype))
+        a = tf.cast(a, x.dtype)
         if Conv._channels_first(layer):
-            return tf.einsum("nr...,ro->no...", t, tf.cast(b, t.dtype))
-        return _last_axis(t, b)
+            t = tf.einsum("nc...,cr->nr...", x, a)
+        else:
+            t = _last_axis(x, a)
+        return layer.convolution_op(t, tf.cast(b, t.dtype))
 
     @staticmethod
     def _channel_shape(layer, y):

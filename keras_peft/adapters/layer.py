@@ -21,8 +21,6 @@ both.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import tensorflow as tf
 
@@ -73,7 +71,7 @@ def variable_specs(spec, layer, w_shape, config: AdapterConfig) -> dict:
     weight on a fresh base, see `load_delta`).
     """
     a_shape, b_shape = spec.shapes(layer, w_shape, config.rank)
-    p, out = spec.prefix, b_shape[1]
+    p, out = spec.prefix, w_shape[-1] if spec.name == "conv" else b_shape[1]
     specs = {f"{p}_a": (a_shape, "he_uniform", True), f"{p}_b": (b_shape, "zeros", True)}
     if config.variant == "dora":
         specs[f"{p}_magnitude"] = ((out,), "ones", True)
@@ -88,12 +86,11 @@ def check_adapter(spec, layer, w_shape, config: AdapterConfig) -> None:
     """Raises `UnsupportedLayerError` when `layer` cannot take the adapter `config`."""
     spec.check(layer, w_shape)
     if config.init == "pissa":
-        a_shape, b_shape = spec.shapes(layer, w_shape, config.rank)
-        most = min(math.prod(a_shape[:-1]), b_shape[1])
-        if config.rank > most:
+        rows, cols = spec.factor_matrix(layer, tf.zeros(w_shape)).shape
+        if config.rank > min(rows, cols):
             raise UnsupportedLayerError(
                 f"init='pissa' takes the top rank={config.rank} singular vectors of its "
-                f"{math.prod(a_shape[:-1])} x {b_shape[1]} weight, which has only {most}; "
+                f"{rows} x {cols} weight, which has only {min(rows, cols)}; "
                 "use a smaller rank or leave the layer out of `targets`")
 
 
@@ -135,19 +132,19 @@ class AdaptedLayer:
     def _peft_fill(self, initial) -> None:
         config, p, spec = self._peft_adapter, KINDS[self._peft_kind].prefix, self._peft_spec
         if config.init == "pissa":
-            base = self._peft_weight
-            matrix = np.asarray(spec.to_matrix(self, tf.convert_to_tensor(base)), np.float64)
+            base, shape = self._peft_weight, self._peft_weight_shape
+            w = tf.cast(tf.convert_to_tensor(base), tf.float64)
             if initial is None:
-                initial = pissa_factors(matrix, config.rank, config.scale)
-            a0 = np.asarray(initial[0], np.float32).reshape(self._peft_variables[f"{p}_a"].shape)
-            b0 = np.asarray(initial[1], np.float32)
+                factors = pissa_factors(spec.factor_matrix(self, w).numpy(), config.rank,
+                                        config.scale)
+                initial = spec.factors_to_variables(self, *factors, shape)
+            a0, b0 = (np.asarray(t, np.float32) for t in initial)
             for name, value in ((f"{p}_a", a0), (f"{p}_b", b0), (f"{p}_a_init", a0),
                                 (f"{p}_b_init", b0)):
                 self._peft_variables[name].assign(value)
-            residual = matrix - config.scale * (a0.reshape(-1, config.rank).astype(np.float64)
-                                                @ b0.astype(np.float64))
-            base.assign(tf.cast(spec.from_matrix(self, residual, self._peft_weight_shape),
-                                base.dtype))
+            delta = spec.delta_weight(self, tf.constant(a0, tf.float64),
+                                      tf.constant(b0, tf.float64), shape)
+            base.assign(tf.cast(w - config.scale * delta, base.dtype))
         if config.variant == "dora":
             norm = tf.norm(self._peft_effective_matrix(), axis=0)
             self._peft_variables[f"{p}_magnitude"].assign(norm)
@@ -166,9 +163,10 @@ class AdaptedLayer:
 
     def _peft_delta_matrix(self):
         """`s * A @ B` as an `(in_features, out_features)` float32 matrix."""
-        a, b = self._peft_factors()
-        a = tf.reshape(tf.cast(a, tf.float32), (-1, self._peft_adapter.rank))
-        return self._peft_adapter.scale * tf.matmul(a, tf.cast(b, tf.float32))
+        a, b = (tf.cast(v, tf.float32) for v in self._peft_factors())
+        spec = self._peft_spec
+        delta = spec.delta_weight(self, a, b, self._peft_weight_shape)
+        return self._peft_adapter.scale * spec.to_matrix(self, delta)
 
     def _peft_effective_matrix(self):
         """`W + s * A @ B` as an `(in, out)` float32 matrix (the frozen W unmerged)."""
