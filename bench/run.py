@@ -676,7 +676,7 @@ def bench_model(model_key: str, size: dict, args, log_dir: str) -> dict:
         "reps": reps,
         "steps": steps,
         "rows": rows,
-        "targets": _targets(rows, judged=not args.quick and size["family"] == "bert"),
+        "targets": _targets(rows, judged=not args.quick and size["family"] in ("bert", "cnn")),
         "precision": first["precision"],
         "gpu": bool(first["machine"]["gpus"]),
         "jit_compile": first["jit_compile"],
