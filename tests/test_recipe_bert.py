@@ -71,7 +71,10 @@ def sentiment_file(tmp_path_factory):
 # ------------------------------------------------------------- strategies
 @pytest.mark.parametrize("spec, expected", [
     ("full", ("full", None)), ("head_only", ("head_only", None)),
-    ("top_layers:2", ("top_layers", 2)), ("lora:8", ("lora", 8)),
+    ("top_layers:2", ("top_layers", 2)),
+    ("lora:8", ("lora", recipe._common.LoraSpec(rank=8))),
+    ("dora:4:all-linear", ("dora", recipe._common.LoraSpec(rank=4, variant="dora",
+                                                           all_linear=True))),
     ("llrd:0.8", ("llrd", 0.8)), ("gradual", ("gradual", None)),
     ("gradual:5", ("gradual", 5)), ("auto", ("auto", None)),
     ("auto:0.02", ("auto", 0.02)), ("auto:50000", ("auto", 50000)),
@@ -83,8 +86,9 @@ def test_parse_strategy(spec, expected):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("lora", r"lora needs an argument, e.g. lora:2"),
-    ("lora:eight", r"'eight' is not an integer"),
+    ("lora", r"lora needs an argument, e.g. lora:8"),
+    ("lora:eight", r"the rank must be a positive integer, not 'eight'"),
+    ("lora:8:qv", r"unknown option 'qv'"),
     ("llrd:1.5", r"the decay must be in \(0, 1\]"),
     ("bitfit:3", r"bitfit takes no argument"),
     ("prefix", r"unknown name 'prefix'. Choose from: full, head_only, top_layers:K"),
