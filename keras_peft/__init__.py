@@ -137,6 +137,20 @@ from keras_peft.checkpoints.backup import BackupAndRestore  # noqa: E402
 
 __all__ += ["BackupAndRestore", "io"]
 
+# Adaptive strategies: callbacks that change the policy during fit (docs/adaptive.md).
+from keras_peft import adaptive  # noqa: E402
+from keras_peft.adaptive import (  # noqa: E402
+    AdaptiveRGN,
+    AutoFreeze,
+    LayerwiseSampling,
+    TrainingStatistics,
+    UnfreezeOnPlateau,
+    decisions,
+)
+
+__all__ += ["adaptive", "AdaptiveRGN", "AutoFreeze", "LayerwiseSampling", "TrainingStatistics",
+            "UnfreezeOnPlateau", "decisions"]
+
 # tf.keras (Keras 2) and TensorFlow Recommenders models (docs/tf-keras.md). The module,
 # `keras_peft.tf_keras`, stays out of __all__: a star import would shadow the `tf_keras`
 # package itself.

@@ -49,6 +49,7 @@ def _join(values, sep=","):
 WIDTH = 100
 """Columns a printed report keeps to (long patterns and notes are shortened)."""
 
+_DECISIONS_SHOWN = 10
 _SHRINKABLE = (5, 6, 0)  # rule, note, then layer: the columns that give way, in order
 _MIN_WIDTH = 12
 
@@ -113,6 +114,8 @@ class Report:
     rows: tuple[ReportRow, ...]
     total_params: int
     trainable_params: int
+    decisions: tuple[dict, ...] = ()
+    """The adaptive callbacks' decisions on the model (`keras_peft.decisions`), in step order."""
 
     @property
     def trainable_fraction(self) -> float:
@@ -166,6 +169,12 @@ class Report:
         out = [line(header), line(["-" * w for w in widths])]
         out += [line(row) for row in body]
         out += [line(["-" * w for w in widths]), self.summary()]
+        if self.decisions:
+            shown = self.decisions[-_DECISIONS_SHOWN:]
+            out.append(f"adaptive decisions: {len(self.decisions)}"
+                       + (f" (the last {len(shown)})" if len(shown) < len(self.decisions) else ""))
+            out += [_shorten(f"  step {d['step'] + 1}: {d['callback']}: {d['text']}", width)
+                    for d in shown]
         return "\n".join(out)
 
     def __repr__(self) -> str:
@@ -207,7 +216,10 @@ def report(model: keras.Model, rules: Mapping[str, Rule] | None = None) -> Repor
              trained, refused, held)
         for layer, variables in groups.items()
     )
-    return Report(rows, sum(r.params for r in rows), sum(r.trainable_params for r in rows))
+    state = peek(model)
+    history = () if state is None else tuple(state.decisions())
+    return Report(rows, sum(r.params for r in rows), sum(r.trainable_params for r in rows),
+                  history)
 
 
 def _decide(backend, model, rules, path_of, held) -> tuple[dict, set[int], set[int]]:

@@ -9,7 +9,8 @@ is wrapped, `wrap` adds the policy. Each field has one writer:
 ids, version), `wrap` the flags before wrapping and the step kind, `unwrap`
 `clear_policy`, `nonfinite.configure` the guard, `lora`/`load_delta` the
 LoRA records (`add_lora`), `merge`/`unmerge` and checkpoint restore the
-merged layers and the exact values to assign after loading.
+merged layers and the exact values to assign after loading, the adaptive
+callbacks their monitor and state (and checkpoint restore that state).
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ class ModelState:
         merged: the layer paths `merge` folded the adapters into.
         exact_values: LoRA values read from a weights file, assigned after
             Keras' own loading (see `keras_peft.checkpoints.weights`).
+        monitor: the gradient monitor the adaptive callbacks read
+            (`keras_peft.adaptive.monitor`), or None.
+        adaptive: `{callback key: JSON-able state}` of the adaptive callbacks
+            (their decisions and what they need to resume), saved in backups.
     """
 
     backend: ModuleType
@@ -63,6 +68,8 @@ class ModelState:
     lora: list = dataclasses.field(default_factory=list)
     merged: list = dataclasses.field(default_factory=list)
     exact_values: list | None = None
+    monitor: object | None = None
+    adaptive: dict = dataclasses.field(default_factory=dict)
 
     @property
     def wrapped(self) -> bool:
@@ -91,6 +98,11 @@ class ModelState:
         self.frozen, self.original_trainable, self.nonfinite = frozenset(), None, None
         self.step_kind = "keras"
         self.bump()
+
+    def decisions(self) -> list[dict]:
+        """The adaptive callbacks' decisions, in step order (see `keras_peft.decisions`)."""
+        found = [d for entry in self.adaptive.values() for d in entry.get("decisions", [])]
+        return sorted(found, key=lambda d: (d["step"], d["callback"]))
 
     def add_lora(self, record: dict) -> None:
         self.lora = [*self.lora, record]

@@ -99,7 +99,7 @@ def _all_finite(grads):
     return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
 
 
-def _loss_scale(optimizer):
+def loss_scale_of(optimizer):
     """The current dynamic loss scale of a LossScaleOptimizer, or None for any other optimizer."""
     if getattr(optimizer, "inner_optimizer", None) is None:
         return None
@@ -135,7 +135,7 @@ def apply_scaled_gradients_if_finite(
     """
     grads = list(grads)
     grads_finite = _all_finite(grads)
-    scale = _loss_scale(optimizer)
+    scale = loss_scale_of(optimizer)
     if scale is None:
         run = tf.logical_and(loss_is_finite, grads_finite)
         bad = tf.logical_not(run)

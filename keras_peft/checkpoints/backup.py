@@ -170,6 +170,7 @@ class BackupAndRestore(BackupAndRestoreHooks):
 
     def on_epoch_end(self, epoch, logs=None):
         self._batches_done = 0
+        _adaptive_first(self.model, epoch, None, logs)
         super().on_epoch_end(epoch, logs)
 
     def on_train_batch_end(self, batch, logs=None):
@@ -177,6 +178,7 @@ class BackupAndRestore(BackupAndRestoreHooks):
             return
         self.current_epoch = self._epoch
         self._batches_done = batch + 1
+        _adaptive_first(self.model, self._epoch, batch, logs)
         super().on_train_batch_end(batch, logs)
 
     # ----------------------------------------------------------------- load
@@ -278,3 +280,14 @@ class BackupAndRestore(BackupAndRestoreHooks):
                 return {}
 
         model.train_function = passing_over
+
+
+def _adaptive_first(model, epoch, batch, logs) -> None:
+    """The adaptive callbacks handle this step (or epoch end) before a backup is written.
+
+    Whatever their place in the `callbacks` list, so that a backup carries the
+    decisions made at its own step (`keras_peft.adaptive.base`).
+    """
+    from keras_peft.adaptive.base import before_backup  # lazy: adaptive imports strategies
+
+    before_backup(model, epoch, batch, logs)

@@ -33,6 +33,7 @@ into a wrapped one as before.
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 import weakref
@@ -125,6 +126,11 @@ def capture(model) -> tuple[dict, list[np.ndarray]]:
             "skipped": int(guard.skipped.numpy()),
             "consecutive": int(guard.consecutive.numpy()),
         },
+        # The adaptive callbacks' decisions and measurements (keras_peft.adaptive).
+        "adaptive": copy.deepcopy(peft.adaptive),
+        "monitor": None if peft.monitor is None else [
+            add(value) for value in peft.monitor.get_state()
+        ],
     }
     return state, tensors
 
@@ -268,6 +274,14 @@ def restore(model, state: dict, tensors: list) -> None:
     # Layers loaded after this state (a subclassed model's attributes) would
     # put the merged kernel and zero adapters back: `after_load` repeats this.
     peft.exact_values = exact
+    if state.get("adaptive") is not None:
+        peft.adaptive = copy.deepcopy(state["adaptive"])
+    if state.get("monitor") is not None:
+        from keras_peft.adaptive.monitor import GradientMonitor  # lazy (imports strategies)
+
+        if peft.monitor is None:
+            peft.monitor = GradientMonitor(model)
+        peft.monitor.set_state([tensors[t] for t in state["monitor"]])
     guard = peft.nonfinite
     if guard is not None and state.get("nonfinite"):
         guard.skipped.assign(state["nonfinite"]["skipped"])
@@ -333,4 +347,5 @@ class PeftState(keras3.keras_saveable_base()):
 def _count(state: dict) -> int:
     indices = [t for entry in state["lora"] for t in entry["values"].values()]
     indices += [t for _, t in state["seeds"]]
+    indices += list(state.get("monitor") or [])
     return max(indices) + 1 if indices else 0

@@ -22,7 +22,11 @@ from keras_peft.checkpoints import weights as checkpoint
 from keras_peft.model import PeftModel, loader_for
 from keras_peft.policy import sync_optimizer
 from keras_peft.state import state_of
-from keras_peft.update import apply_scaled_gradients, apply_scaled_gradients_if_finite
+from keras_peft.update import (
+    apply_scaled_gradients,
+    apply_scaled_gradients_if_finite,
+    loss_scale_of,
+)
 
 __all__ = ["Keras3PeftModel"]
 
@@ -65,6 +69,10 @@ class Keras3PeftModel(PeftModel, backend=keras3.NAME):
             # Update weights, scaled per variable by the policy
             scales = [state.scales.get(v.path, (1.0, 1.0)) for v in variables]
             update = dict(lr_scales=[s[0] for s in scales], grad_scales=[s[1] for s in scales])
+            monitor = state.monitor if state.monitor is not None and state.monitor.enabled \
+                else None  # the adaptive callbacks' gradient statistics
+            before = None if monitor is None else monitor.before(variables)
+            applied = None
             if guard is None:
                 apply_scaled_gradients(self.optimizer, gradients, variables, **update)
             else:  # the whole update is skipped if the loss or a gradient is not finite
@@ -72,6 +80,9 @@ class Keras3PeftModel(PeftModel, backend=keras3.NAME):
                     self.optimizer, finite, gradients, variables, **update
                 )
                 skipped = guard.record(applied, bad)
+            if monitor is not None:
+                monitor.record(variables, gradients, before, applied=applied,
+                               loss_scale=loss_scale_of(self.optimizer))
         else:
             warnings.warn("The model does not have any trainable weights.", stacklevel=2)
 
