@@ -25,7 +25,9 @@ checkpoint's own (mean for sentence-transformers checkpoints).
 
 Strategies (`--strategy`, or `--compare a,b,c`): full, head_only,
 top_layers:K, bitfit, lora:RANK[:OPTION...], dora:RANK[...], pissa:RANK[...],
-llrd:DECAY, gradual[:STEPS], auto[:BUDGET]. Adapters go on query and value
+llrd:DECAY, gradual[:STEPS], auto[:BUDGET], and the adaptive ones (changed
+during training from what it measures): autofreeze[:EVERY], lisa[:BLOCKS],
+plateau[:PATIENCE], rgn[:EVERY]. Adapters go on query and value
 unless `all-linear` is given; the options are in `--help` (e.g.
 `lora:8:all-linear:bias:norm`, `dora:8`, `lora:8:plus=16`).
 Each has a usual learning rate (`LEARNING_RATES`); `--learning-rate` overrides.
@@ -91,11 +93,18 @@ DEFAULT_DATA = "tfds:glue/sst2"
 DEFAULT_OUTPUT_DIR = os.path.join("runs", "bert_text_classification")
 STRATEGIES = ("full", "head_only", "top_layers:K", "bitfit", "lora:RANK[:OPTION...]",
               "dora:RANK[:OPTION...]", "pissa:RANK[:OPTION...]", "llrd:DECAY",
-              "gradual[:STEPS]", "auto[:BUDGET]")
+              "gradual[:STEPS]", "auto[:BUDGET]", "autofreeze[:EVERY]", "lisa[:BLOCKS]",
+              "plateau[:PATIENCE]", "rgn[:EVERY]")
+# Adaptive strategies' settings, fixed before any result was seen: a decision
+# every 50 steps (AutoFreeze's window, LISA's period, Auto-RGN's re-estimation),
+# LISA trains 2 blocks at a time, a block unfreezes after 1 epoch without a
+# better val_loss.
+ADAPTIVE_EVERY = 50
 # The usual learning rate of each kind of strategy: the fewer parameters
 # train, the larger the rate. `auto` scales each variable's rate by its
 # relative gradient norm (at most 1), so its base rate is high too.
 LEARNING_RATES = {"full": 5e-5, "llrd": 1e-4, "top_layers": 1e-4, "gradual": 1e-4,
+                  "autofreeze": 5e-5, "lisa": 1e-4, "plateau": 1e-4, "rgn": 1e-3,
                   "auto": 1e-3, "bitfit": 1e-3, "lora": 1e-3, "dora": 1e-3, "pissa": 1e-3,
                   "head_only": 1e-2}
 
@@ -118,8 +127,11 @@ class Strategy:
 _ARGUMENTS = {"full": _common.NO_ARG, "head_only": _common.NO_ARG, "bitfit": _common.NO_ARG,
               "top_layers": _common.NEEDS_ARG, "lora": _common.NEEDS_ARG,
               "dora": _common.NEEDS_ARG, "pissa": _common.NEEDS_ARG, "llrd": _common.NEEDS_ARG,
-              "gradual": _common.OPTIONAL_ARG, "auto": _common.OPTIONAL_ARG}
-_KINDS = {"top_layers": int, "llrd": float, "gradual": int, "auto": float}
+              "gradual": _common.OPTIONAL_ARG, "auto": _common.OPTIONAL_ARG,
+              "autofreeze": _common.OPTIONAL_ARG, "lisa": _common.OPTIONAL_ARG,
+              "plateau": _common.OPTIONAL_ARG, "rgn": _common.OPTIONAL_ARG}
+_KINDS = {"top_layers": int, "llrd": float, "gradual": int, "auto": float, "autofreeze": int,
+          "lisa": int, "plateau": int, "rgn": int}
 
 
 def parse_strategy(spec: str) -> Strategy:
@@ -194,6 +206,12 @@ def strategy_rules(strategy: Strategy, model, train_ds, *, pooling: str, total_s
                                  verbose=2 if verbose else 0)
         rules = result.rules
         info["auto_budget"] = result.budget
+    elif name in ("autofreeze", "lisa", "plateau", "rgn"):
+        rules, callback = _adaptive(name, arg, model, train_ds, verbose)
+        callbacks.append(callback)
+        info["adaptive"] = {k: v for k, v in vars(callback).items()
+                            if k in ("every_steps", "num_blocks", "patience", "percentile",
+                                     "min_trainable_blocks", "smoothing", "monitor_name")}
     else:  # parse_strategy admits nothing else
         raise AssertionError(name)
     unused = unused_variable_rules(model, pooling)
@@ -238,6 +256,17 @@ class StepTimer(_common.Timer):
         self.traced: list[bool] = []
         self.peak_rss_mb = 0.0
         self._version = None
+        self.epochs: list[dict] = []  # per epoch: training time so far and its metrics
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        logs = logs or {}
+        self.epochs.append({
+            "epoch": epoch + 1, "train_time_s": round(sum(self.times), 3),
+            "train_cpu_s": round(sum(self.cpu_times), 3),
+            **{k: float(v) for k, v in logs.items() if k in ("loss", "accuracy", "val_loss",
+                                                               "val_accuracy")},
+        })
 
     def on_train_batch_end(self, batch, logs=None):
         counted = self.steps
@@ -492,6 +521,24 @@ def _with_backup(strategy: Strategy, args, shuffle, callbacks: list):
                     *callbacks]
 
 
+def _adaptive(name, arg, model, train_ds, verbose):
+    """The base rules and the callback of an adaptive strategy."""
+    if name == "autofreeze":
+        return keras_peft.full(model), keras_peft.AutoFreeze(
+            every_steps=arg or ADAPTIVE_EVERY, verbose=verbose)
+    if name == "lisa":
+        return keras_peft.full(model), keras_peft.LayerwiseSampling(
+            num_blocks=arg or 2, every_steps=ADAPTIVE_EVERY, verbose=verbose)
+    if name == "plateau":
+        return keras_peft.full(model), keras_peft.UnfreezeOnPlateau(
+            "val_loss", patience=arg or 1, verbose=verbose)
+    # rgn: auto's scales measured before training, then re-estimated during it
+    result = keras_peft.auto(model, train_ds, loss=_loss(), num_batches=4,
+                             verbose=2 if verbose else 0)
+    return result.rules, keras_peft.AdaptiveRGN(every_steps=arg or ADAPTIVE_EVERY,
+                                                verbose=verbose)
+
+
 def _datasets(args, data: TextData):
     """`(shuffle, train, validation)`; `shuffle` (an `EpochShuffle`, resumable) with --resume."""
     shuffle = EpochShuffle(data.train, args.batch_size, args.seed) if args.resume else None
@@ -560,6 +607,7 @@ def run_strategy(strategy: Strategy, args, data: TextData, preset: str, pooling:
     out_dir = os.path.join(args.output_dir, strategy.slug)
     delta_path = _save_delta(model, args, out_dir)
     steps = timer.summary()
+    end = keras_peft.report(model)  # adaptive strategies change what trains during fit
     result = {
         "strategy": strategy.spec,
         "learning_rate": learning_rate,
@@ -570,11 +618,14 @@ def run_strategy(strategy: Strategy, args, data: TextData, preset: str, pooling:
         "trainable_params": rep.trainable_params,
         "total_params": rep.total_params,
         "trainable_percent": 100 * rep.trainable_fraction,
+        "trainable_params_end": end.trainable_params,
         "accuracy_before": float(accuracy_before),
         "loss_before": float(loss_before),
         "val_accuracy": float(val_accuracy),
         "val_loss": float(val_loss),
         **steps,
+        "epochs": timer.epochs,
+        "decisions": list(end.decisions),
         "resumed_at": list(backup.resumed_at) if backup and backup.resumed_at else None,
         "skipped_steps": int(model.peft_skipped_steps) if args.skip_nonfinite else None,
         "step_time_note": _STEP_TIME_NOTE,

@@ -78,6 +78,8 @@ def sentiment_file(tmp_path_factory):
     ("llrd:0.8", ("llrd", 0.8)), ("gradual", ("gradual", None)),
     ("gradual:5", ("gradual", 5)), ("auto", ("auto", None)),
     ("auto:0.02", ("auto", 0.02)), ("auto:50000", ("auto", 50000)),
+    ("autofreeze", ("autofreeze", None)), ("lisa:3", ("lisa", 3)), ("plateau:2", ("plateau", 2)),
+    ("rgn:25", ("rgn", 25)),
 ])
 def test_parse_strategy(spec, expected):
     strategy = recipe.parse_strategy(spec)
@@ -337,6 +339,26 @@ def test_resumed_comparison_reuses_the_strategies_that_had_finished(
     assert recipe._finished_run(recipe.parse_strategy("bitfit"), args, settings) is None
     assert recipe._finished_run(recipe.parse_strategy("bitfit"), args,
                                 first["settings"]) == first
+
+
+def test_adaptive_strategies_record_their_decisions_and_epochs(tiny_preset, sentiment_file,
+                                                               tmp_path):
+    out = str(tmp_path / "out")
+    results = recipe.main([
+        "--preset", tiny_preset, "--data", sentiment_file, "--compare", "autofreeze:2,lisa:1",
+        "--pooling", "mean", "--sequence-length", "12", "--batch-size", "8", "--no-xla",
+        "--epochs", "2", "--output-dir", out, "--verbose", "0", "--no-save-delta"])
+    autofreeze, lisa = results["runs"]
+    assert [e["epoch"] for e in lisa["epochs"]] == [1, 2]
+    assert all("val_accuracy" in e and e["train_time_s"] > 0 for e in lisa["epochs"])
+    # LISA: 16 steps, a draw every 50: one draw, of one of the 2 blocks.
+    assert [d["action"] for d in lisa["decisions"]] == ["sample"]
+    assert lisa["adaptive"] == {"every_steps": 50, "num_blocks": 1}
+    assert lisa["trainable_params_end"] < lisa["trainable_params"]
+    assert autofreeze["adaptive"]["every_steps"] == 2
+    frozen = [g for d in autofreeze["decisions"] for g in d["groups"]]
+    assert frozen == ["stem", "transformer_layer_0"][: len(frozen)]
+    assert (autofreeze["trainable_params_end"] < autofreeze["trainable_params"]) == bool(frozen)
 
 
 def test_backup_every_needs_resume(sentiment_file):
