@@ -3,6 +3,7 @@ which weights then change, errors at the start of fit, retraces, and exact resum
 
 import json
 import math
+import types
 
 import keras
 import numpy as np
@@ -73,6 +74,25 @@ def test_statistics_average_over_their_window_and_show_frozen_groups(tmp_path):
     events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     assert state_of(model).monitor.enabled is False  # released at the end of fit
+
+
+def test_statistics_measure_the_gradient_before_the_policys_grad_scale(mixed_precision):
+    model = wrapped(rules={".*block_0/.*": Rule(grad_scale=10.0), ".*": Rule()})
+    grads = full_batch_gradients(model)  # float32 math on a mixed-precision model
+    stats = keras_peft.TrainingStatistics(every_steps=1, updates=False)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")  # a LossScaleOptimizer
+    x, y = regression_data()
+    model.fit(x, y, batch_size=64, epochs=6, verbose=0, callbacks=[stats])
+    # The first steps overflow at the initial loss scale (the optimizer skips them and
+    # halves the scale): they add nothing. Then the same gradient at each step (lr 0).
+    measured = [e for e in stats.history if e["steps"] == 1]
+    assert stats.history[0]["steps"] == 0 and measured
+    entry = measured[-1]
+    for name in ("block_0", "block_1"):
+        g = math.sqrt(sum(float(np.sum(grads[p] ** 2)) for p in grads
+                          if p.startswith(f"mlp/{name}/")))
+        assert entry["groups"][name]["grad_norm"] == pytest.approx(g, rel=2e-2)
+        assert entry["groups"][name]["update_ratio"] is None
 
 
 def test_monitor_sums_skip_a_nonfinite_step():
@@ -216,6 +236,41 @@ def test_lisa_trains_the_sampled_blocks_only_and_drops_the_others_optimizer_stat
         assert layers == {*draws[batch // 2], "head"}, batch
     # Adam: 2 moments per trainable variable (2 blocks + head: 6), plus iterations and lr.
     assert slots[3] == 2 * 6 + 2
+
+
+def _slots(model) -> dict:
+    return {v.path: v.numpy().copy() for v in model.optimizer.variables}
+
+
+def test_lisa_keeps_the_state_of_what_trains_across_a_switch_and_resets_a_block_drawn_again():
+    def pattern(seed):  # period 0: X; period 1: another block; period 2: X again
+        lisa = keras_peft.LayerwiseSampling(num_blocks=1, every_steps=1, seed=seed)
+        lisa.blocks = types.SimpleNamespace(num_blocks=4, blocks=[
+            types.SimpleNamespace(name=f"block_{i}") for i in range(4)])
+        a, b, c = (lisa.draw(k)[0] for k in range(3))
+        return a if a != b and a == c else None
+
+    seed = next(s for s in range(100) if pattern(s))
+    again = pattern(seed)
+    model = wrapped()
+    lisa = keras_peft.LayerwiseSampling(num_blocks=1, every_steps=1, seed=seed)
+    ends, begins = {}, {}
+
+    class Watch(keras.callbacks.Callback):  # after LISA: sees each step's optimizer
+        def on_train_batch_begin(self, batch, logs=None):
+            begins[batch] = _slots(model)
+
+        def on_train_batch_end(self, batch, logs=None):
+            ends[batch] = _slots(model)
+
+    fit(model, [lisa, Watch()], optimizer=keras.optimizers.Adam(1e-2, name="adam"))  # 4 draws
+    momentum = f"adam/mlp_{again}_kernel_momentum"
+    assert np.abs(ends[0][momentum]).sum() > 0  # trained in period 0
+    assert momentum not in begins[1]  # frozen in period 1: no slots
+    np.testing.assert_array_equal(begins[2][momentum], 0.0)  # drawn again: zero moments
+    head = "adam/mlp_head_kernel_momentum"  # trains throughout: state kept across switches
+    np.testing.assert_array_equal(begins[1][head], ends[0][head])
+    np.testing.assert_array_equal(begins[2]["adam/iteration"], 2)
 
 
 def test_lisa_rejects_more_blocks_than_the_model_has():

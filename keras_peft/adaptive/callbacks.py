@@ -441,8 +441,9 @@ class UnfreezeOnPlateau(AdaptiveCallback):
         self.record(self.state["last_step"], "unfreeze", [group.name],
                     {"monitor": self.monitor_name, "value": value, "best": best,
                      "patience": self.patience},
-                    f"unfroze {group.name} ({self.monitor_name} {_fmt(value)} has not improved "
-                    f"on {_fmt(best)} for {self.patience} epoch(s))")
+                    f"unfroze {group.name} ({self.monitor_name} has not improved on "
+                    f"{_fmt(best)} by more than {self.min_delta:g} for {self.patience} "
+                    f"epoch(s); now {_fmt(value)})")
 
 
 # ------------------------------------------------------------------ Auto-RGN
