@@ -139,13 +139,13 @@ __all__ += ["BackupAndRestore", "io"]
 
 # Adaptive strategies: callbacks that change the policy during fit (docs/adaptive.md).
 from keras_peft import adaptive  # noqa: E402
-from keras_peft.adaptive import (  # noqa: E402
+from keras_peft.adaptive.base import decisions  # noqa: E402
+from keras_peft.adaptive.callbacks import (  # noqa: E402
     AdaptiveRGN,
     AutoFreeze,
     LayerwiseSampling,
     TrainingStatistics,
     UnfreezeOnPlateau,
-    decisions,
 )
 
 __all__ += ["adaptive", "AdaptiveRGN", "AutoFreeze", "LayerwiseSampling", "TrainingStatistics",

@@ -53,6 +53,9 @@ class ModelState:
             (`keras_peft.adaptive.monitor`), or None.
         adaptive: `{callback key: JSON-able state}` of the adaptive callbacks
             (their decisions and what they need to resume), saved in backups.
+        backup_hooks: `hook(epoch, batch, logs)` of the adaptive callbacks running
+            now (`batch` None at an epoch's end), which `BackupAndRestore` calls
+            before it writes a backup; not saved.
     """
 
     backend: ModuleType
@@ -70,6 +73,7 @@ class ModelState:
     exact_values: list | None = None
     monitor: object | None = None
     adaptive: dict = dataclasses.field(default_factory=dict)
+    backup_hooks: list = dataclasses.field(default_factory=list)
 
     @property
     def wrapped(self) -> bool:

@@ -1,17 +1,10 @@
 """Adaptive fine-tuning: callbacks that change the policy during `fit` from what it measures.
 
-See `keras_peft.adaptive.callbacks` for the callbacks, `.monitor` for what
-they measure and `.base` for how their decisions are kept and resumed.
+- `keras_peft.adaptive.callbacks`: the callbacks (`TrainingStatistics`,
+  `AutoFreeze`, `LayerwiseSampling`, `UnfreezeOnPlateau`, `AdaptiveRGN`);
+- `keras_peft.adaptive.monitor`: what they measure (sums the train step adds to);
+- `keras_peft.adaptive.base`: how their decisions are kept and resumed.
+
+The package itself imports nothing, so that the train step and the checkpoint
+code can use the monitor without importing the callbacks.
 """
-
-from keras_peft.adaptive.base import AdaptiveCallback, decisions
-from keras_peft.adaptive.callbacks import (
-    AdaptiveRGN,
-    AutoFreeze,
-    LayerwiseSampling,
-    TrainingStatistics,
-    UnfreezeOnPlateau,
-)
-
-__all__ = ["AdaptiveCallback", "AdaptiveRGN", "AutoFreeze", "LayerwiseSampling",
-           "TrainingStatistics", "UnfreezeOnPlateau", "decisions"]

@@ -27,7 +27,6 @@ from __future__ import annotations
 import numbers
 import re
 import warnings
-import weakref
 
 import keras
 
@@ -39,7 +38,6 @@ from keras_peft.strategies.depth import model_blocks
 
 __all__ = ["AdaptiveCallback", "decisions", "check_int", "check_fraction"]
 
-_ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> [callbacks]
 _BASE_NOTE = "trainable before the adaptive callback"
 
 
@@ -76,15 +74,6 @@ def decisions(model) -> list[dict]:
     return state_of(model).decisions()
 
 
-def before_backup(model, epoch: int, batch: int | None, logs) -> None:
-    """Lets the adaptive callbacks of `model` handle this step (or epoch end) first."""
-    for callback in list(_ACTIVE.get(model, ())):
-        if batch is None:
-            callback._handle_epoch_end(epoch, logs)
-        else:
-            callback._handle_batch_end(batch, logs)
-
-
 class AdaptiveCallback(keras.callbacks.Callback):
     """Base class of keras-peft's adaptive callbacks (see the module docstring).
 
@@ -114,7 +103,7 @@ class AdaptiveCallback(keras.callbacks.Callback):
 
     @property
     def decisions(self) -> list[dict]:
-        """This callback's decisions on its model (see `keras_peft.adaptive.decisions`)."""
+        """This callback's decisions on its model (see `keras_peft.decisions`)."""
         if getattr(self, "_model", None) is None:
             return []
         return list(state_of(self.model).adaptive.get(self.key, {}).get("decisions", []))
@@ -180,13 +169,21 @@ class AdaptiveCallback(keras.callbacks.Callback):
             self.state["last_step"] = -1
             self.state["last_epoch"] = -1
             self.begin()
-        _ACTIVE.setdefault(model, []).append(self)
+        hooks = state_of(model).backup_hooks
+        hooks[:] = [h for h in hooks if getattr(h, "__self__", None) is not self]
+        hooks.append(self.before_backup)
         self.apply_rules()  # the first step, and the callbacks after this one, see them
 
+    def before_backup(self, epoch: int, batch: int | None, logs) -> None:
+        """Handles this step (or, with `batch` None, this epoch's end) before a backup."""
+        if batch is None:
+            self._handle_epoch_end(epoch, logs)
+        else:
+            self._handle_batch_end(batch, logs)
+
     def on_train_end(self, logs=None):
-        callbacks = _ACTIVE.get(self.model, [])
-        if self in callbacks:
-            callbacks.remove(self)
+        hooks = state_of(self.model).backup_hooks
+        hooks[:] = [h for h in hooks if getattr(h, "__self__", None) is not self]
         if self.needs_monitor:
             monitoring.release(self.model, self.key)
 

@@ -12,7 +12,7 @@
 
 All of them measure with the gradients the training computes anyway (see
 `keras_peft.adaptive.monitor`), keep their decisions in the model's state
-(`keras_peft.adaptive.decisions(model)`, `callback.decisions`,
+(`keras_peft.decisions(model)`, `callback.decisions`,
 `keras_peft.report(model)`), and resume exactly from
 `keras_peft.BackupAndRestore` backups.
 """

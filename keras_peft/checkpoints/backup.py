@@ -44,6 +44,7 @@ from keras_peft.backends.keras3_callbacks import (
     set_initial_epoch,
 )
 from keras_peft.io import atomic_write_json
+from keras_peft.state import peek
 
 __all__ = ["BackupAndRestore"]
 
@@ -282,12 +283,13 @@ class BackupAndRestore(BackupAndRestoreHooks):
         model.train_function = passing_over
 
 
+
 def _adaptive_first(model, epoch, batch, logs) -> None:
     """The adaptive callbacks handle this step (or epoch end) before a backup is written.
 
     Whatever their place in the `callbacks` list, so that a backup carries the
     decisions made at its own step (`keras_peft.adaptive.base`).
     """
-    from keras_peft.adaptive.base import before_backup  # lazy: adaptive imports strategies
-
-    before_backup(model, epoch, batch, logs)
+    state = peek(model)
+    for hook in list(state.backup_hooks if state is not None else ()):
+        hook(epoch, batch, logs)

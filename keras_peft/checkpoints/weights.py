@@ -41,6 +41,7 @@ import weakref
 import keras
 import numpy as np
 
+from keras_peft.adaptive.monitor import GradientMonitor
 from keras_peft.backends import keras3
 from keras_peft.policy import apply_policy, fit_rules_to_model, sync_optimizer
 from keras_peft.state import state_of
@@ -277,8 +278,6 @@ def restore(model, state: dict, tensors: list) -> None:
     if state.get("adaptive") is not None:
         peft.adaptive = copy.deepcopy(state["adaptive"])
     if state.get("monitor") is not None:
-        from keras_peft.adaptive.monitor import GradientMonitor  # lazy (imports strategies)
-
         if peft.monitor is None:
             peft.monitor = GradientMonitor(model)
         peft.monitor.set_state([tensors[t] for t in state["monitor"]])
