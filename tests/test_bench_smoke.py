@@ -71,3 +71,40 @@ def test_ab_trees_measures_two_checkouts_side_by_side():
     bad = subprocess.run([sys.executable, script, "--base", "/nonexistent"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert bad.returncode == 2 and "has no keras_peft/ folder" in bad.stderr
+
+
+def _study():
+    path = os.path.join(ROOT, "bench", "adapters_sst2.py")
+    spec = importlib.util.spec_from_file_location("adapters_sst2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_adapter_study_judges_the_goal_only_on_three_seeds(tmp_path):
+    study = _study()
+
+    def run(strategy, accuracy, step, percent=1.5):
+        return {"strategy": strategy, "val_accuracy": accuracy, "mean_step_s": step,
+                "trainable_params": 100, "trainable_percent": percent}
+
+    seeds = {0: [run("full", 0.87, 2.0), run("lora:8", 0.865, 1.5), run("dora:8", 0.85, 1.6)],
+             1: [run("full", 0.88, 2.0), run("lora:8", 0.87, 1.5)],
+             2: [run("full", 0.86, 2.0), run("lora:8", 0.862, 1.5)]}
+    table = study.aggregate(seeds)
+    lora = next(r for r in table if r["strategy"] == "lora:8")
+    assert lora["seeds"] == 3 and lora["accuracy"]["mean"] == pytest.approx(0.8657, abs=1e-4)
+    assert lora["accuracy"]["std"] == pytest.approx(0.00404, abs=1e-4)
+    text = study.markdown(table)
+    assert "met by lora:8." in text and "Rows with fewer than 3 seeds are not judged." in text
+    assert "| dora:8 | 1 |" in text
+    one_seed = study.markdown(study.aggregate({0: seeds[0]}))
+    assert "not judged" in one_seed
+    # --summarize reads the finished runs (the recipe's folder names) and trains nothing.
+    for seed, runs in seeds.items():
+        for r in runs:
+            folder = tmp_path / f"seed-{seed}" / r["strategy"].replace(":", "-")
+            folder.mkdir(parents=True)
+            (folder / "results.json").write_text(json.dumps(r))
+    args = type("Args", (), {"out": str(tmp_path), "configs": "full,lora:8,dora:8"})
+    assert [r["strategy"] for r in study.finished_runs(1, args)] == ["full", "lora:8"]
