@@ -144,8 +144,27 @@ def apply_scaled_gradients_if_finite(
         overflow_at_scale_one = tf.logical_and(tf.logical_not(grads_finite), scale <= 1.0)
         bad = tf.logical_or(tf.logical_not(loss_is_finite), overflow_at_scale_one)
 
-    def update():
-        apply_scaled_gradients(optimizer, grads, variables, lr_scales, grad_scales)
+    finite = tf.logical_and(loss_is_finite, grads_finite)
 
-    tf.cond(run, update, lambda: None)
-    return tf.logical_and(loss_is_finite, grads_finite), bad
+    def update(grads_):
+        apply_scaled_gradients(optimizer, grads_, variables, lr_scales, grad_scales)
+
+    if tf.__internal__.distribute.strategy_supports_no_merge_call():
+        tf.cond(run, lambda: update(grads), lambda: None)
+        return finite, bad
+    # Under a distribution strategy the optimizer's update synchronises the replicas
+    # (`merge_call`), which may not sit inside a `tf.cond` in a replica context: the
+    # condition is decided in the cross-replica context, for every replica at once (one
+    # replica's non-finite batch skips the whole step), as Keras' LossScaleOptimizer does.
+    counts = tf.cast(tf.stack([tf.logical_not(run), tf.logical_not(finite), bad]), tf.int32)
+
+    def cross_replica(distribution, counts, grads_):
+        # Over the replicas: how many may not run, are not finite, are bad.
+        total = distribution.reduce(tf.distribute.ReduceOp.SUM, counts, axis=None)
+        tf.cond(tf.equal(total[0], 0),
+                lambda: distribution.extended.call_for_each_replica(update, args=(grads_,)),
+                lambda: None)
+        return total
+
+    total = tf.distribute.get_replica_context().merge_call(cross_replica, args=(counts, grads))
+    return tf.equal(total[1], 0), total[2] > 0

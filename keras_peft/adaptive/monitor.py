@@ -21,6 +21,14 @@ non-finite guard skips adds nothing.
 
 Turning the monitor on or off changes the traced step (it retraces once);
 reading it does not.
+
+Under a distribution strategy (`tf.distribute.MirroredStrategy` and the
+like), each replica sees the gradient of its own share of the batch, before
+the optimizer sums them (Keras divides each replica's loss by the number of
+replicas; the monitor multiplies that back). The sums keep the mean over
+replicas of those local squared norms: at least the squared norm of the
+averaged gradient a single device would measure (the replicas' noise does not
+cancel), so adaptive decisions can differ from a single-device run's.
 """
 
 from __future__ import annotations
@@ -43,13 +51,17 @@ class GradientMonitor:
         self.paths = [v.path for v in weights]
         self.index = {id(v): i for i, v in enumerate(weights) if id(v) in capable}
         n = len(weights)
-        with tf.init_scope():
+        strategy = getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
+        mean, first = tf.VariableAggregation.MEAN, tf.VariableAggregation.ONLY_FIRST_REPLICA
+        with tf.init_scope(), strategy.scope():
+            # Under a distribution strategy each replica adds its own (local) gradient's
+            # norms; MEAN keeps their average (see the module docstring).
             self.grad_sq = tf.Variable(tf.zeros([n], tf.float64), trainable=False,
-                                       name="keras_peft_grad_sq")
+                                       name="keras_peft_grad_sq", aggregation=mean)
             self.update_sq = tf.Variable(tf.zeros([n], tf.float64), trainable=False,
-                                         name="keras_peft_update_sq")
+                                         name="keras_peft_update_sq", aggregation=mean)
             self.steps = tf.Variable(0, dtype=tf.int64, trainable=False,
-                                     name="keras_peft_monitored_steps")
+                                     name="keras_peft_monitored_steps", aggregation=first)
         self.users: dict[str, bool] = {}  # callback key -> wants updates
 
     # ------------------------------------------------------------- settings
@@ -83,6 +95,9 @@ class GradientMonitor:
         if not indices:
             return
         grad_sq = tf.cast(tf.stack(grad_sq), tf.float64)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas > 1:  # Keras divides each replica's loss by their number: undo that
+            grad_sq = grad_sq * float(replicas) ** 2
         if loss_scale is not None:
             grad_sq = grad_sq / tf.square(tf.cast(loss_scale, tf.float64))
         # A step whose gradients overflowed (a LossScaleOptimizer skips it) adds nothing.

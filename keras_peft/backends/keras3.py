@@ -550,9 +550,12 @@ def optimizer_needs_rebuild(optimizer, variables) -> bool:
 def rebuild_optimizer(model, variables) -> None:
     """Gives `model` an optimizer built for `variables` (in order), keeping the state it had."""
     optimizer = model.optimizer
-    rebuilt = optimizer.__class__.from_config(optimizer.get_config())
-    with keras.name_scope(rebuilt.name, caller=rebuilt):
-        rebuilt.build(variables)
+    # In the model's distribution strategy's scope (as compile() made the first one):
+    # the optimizer remembers the strategy it was created under and updates through it.
+    with model.distribute_strategy.scope():
+        rebuilt = optimizer.__class__.from_config(optimizer.get_config())
+        with keras.name_scope(rebuilt.name, caller=rebuilt):
+            rebuilt.build(variables)
     old = {v.path: v for v in optimizer.variables}
     for v in rebuilt.variables:
         if v.path in old:
