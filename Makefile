@@ -36,7 +36,7 @@ quickstart: venv
 
 test: venv
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile tests
 
 docs: venv-docs
 	$(VENV)/bin/mkdocs build --strict
