@@ -108,3 +108,19 @@ def test_adapter_study_judges_the_goal_only_on_three_seeds(tmp_path):
             (folder / "results.json").write_text(json.dumps(r))
     args = type("Args", (), {"out": str(tmp_path), "configs": "full,lora:8,dora:8"})
     assert [r["strategy"] for r in study.finished_runs(1, args)] == ["full", "lora:8"]
+
+
+def test_gpu_check_refuses_without_a_gpu_and_its_dry_run_runs_everything(tmp_path):
+    script = os.path.join(ROOT, "bench", "gpu_check.sh")
+    env = dict(os.environ, PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
+    refused = subprocess.run(["bash", script, str(tmp_path / "gpu")], capture_output=True,
+                             text=True, timeout=300, cwd=ROOT, env=env)
+    assert refused.returncode != 0 and "no GPU is visible" in refused.stderr
+    dry = subprocess.run(["bash", script, "--dry-run", str(tmp_path / "dry")],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
+    summary = (tmp_path / "dry" / "summary.txt").read_text()
+    for expected in ("'dry_run': True", "minilm lora4", "vs plain", "caching head_only",
+                     "bert demo lora:8: accuracy"):
+        assert expected in summary
+    assert (tmp_path / "dry" / "suite" / "suite.md").exists()
