@@ -6,7 +6,6 @@ The smoke run checks that the suite runs and writes its table, not speeds.
 import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -58,21 +57,6 @@ def test_quick_run_writes_the_table_and_counts_the_same_lora_variables(tmp_path)
         assert (tmp_path / "suite.png").stat().st_size > 0
 
 
-def test_ab_trees_measures_two_checkouts_side_by_side():
-    script = os.path.join(ROOT, "bench", "ab_trees.py")
-    command = [sys.executable, script, "--base", ROOT, "--quick", "--configs", "plain,wrap_all",
-               "--reps", "2", "--steps", "1"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = result.stdout
-    assert "ready base/wrap_all" in out and "ready new/plain" in out
-    assert re.search(r"new: wrap overhead \(everything trainable / plain\) \d+\.\d{3} \(IQR", out)
-    assert re.search(r"new / base, wrap_all: \d+\.\d{3}", out)
-    bad = subprocess.run([sys.executable, script, "--base", "/nonexistent"],
-                         capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert bad.returncode == 2 and "has no keras_peft/ folder" in bad.stderr
-
-
 def _study():
     path = os.path.join(ROOT, "bench", "adapters_sst2.py")
     spec = importlib.util.spec_from_file_location("adapters_sst2", path)
@@ -108,19 +92,3 @@ def test_adapter_study_judges_the_goal_only_on_three_seeds(tmp_path):
             (folder / "results.json").write_text(json.dumps(r))
     args = type("Args", (), {"out": str(tmp_path), "configs": "full,lora:8,dora:8"})
     assert [r["strategy"] for r in study.finished_runs(1, args)] == ["full", "lora:8"]
-
-
-def test_gpu_check_refuses_without_a_gpu_and_its_dry_run_runs_everything(tmp_path):
-    script = os.path.join(ROOT, "bench", "gpu_check.sh")
-    env = dict(os.environ, PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
-    refused = subprocess.run(["bash", script, str(tmp_path / "gpu")], capture_output=True,
-                             text=True, timeout=300, cwd=ROOT, env=env)
-    assert refused.returncode != 0 and "no GPU is visible" in refused.stderr
-    dry = subprocess.run(["bash", script, "--dry-run", str(tmp_path / "dry")],
-                         capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
-    assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
-    summary = (tmp_path / "dry" / "summary.txt").read_text()
-    for expected in ("'dry_run': True", "minilm lora4", "vs plain", "caching head_only",
-                     "bert demo lora:8: accuracy"):
-        assert expected in summary
-    assert (tmp_path / "dry" / "suite" / "suite.md").exists()

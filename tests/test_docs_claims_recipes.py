@@ -45,12 +45,14 @@ def test_bert_recipe_defaults_are_those_of_its_options_table():
 
 
 def test_bert_recipe_usual_learning_rates_are_those_of_its_table():
-    """recipes/bert.md:122-131: full 5e-5, llrd 1e-4, top_layers 1e-4, gradual 1e-4,
-    auto 1e-3, lora (dora, pissa) 1e-3, bitfit 1e-3, head_only 1e-2."""
+    """recipes/bert.md:122-135: full 5e-5, llrd 1e-4, top_layers 1e-4, gradual 1e-4,
+    auto 1e-3, lora (dora, pissa) 1e-3, bitfit 1e-3, head_only 1e-2, autofreeze 5e-5,
+    lisa 1e-4, plateau 1e-4, rgn 1e-3."""
     assert bert.LEARNING_RATES == {"full": 5e-5, "llrd": 1e-4, "top_layers": 1e-4,
                                    "gradual": 1e-4, "auto": 1e-3, "lora": 1e-3,
                                    "dora": 1e-3, "pissa": 1e-3,
-                                   "bitfit": 1e-3, "head_only": 1e-2}
+                                   "bitfit": 1e-3, "head_only": 1e-2, "autofreeze": 5e-5,
+                                   "lisa": 1e-4, "plateau": 1e-4, "rgn": 1e-3}
 
 
 # --------------------------------------------------------------- skip_nonfinite
