@@ -25,7 +25,6 @@ the training measures. The pieces here make that safe and exact:
 from __future__ import annotations
 
 import numbers
-import re
 import warnings
 
 import keras
@@ -35,6 +34,7 @@ from keras_peft.model import PeftModel
 from keras_peft.rules import Rule
 from keras_peft.state import state_of
 from keras_peft.strategies.depth import model_blocks
+from keras_peft.strategies.unfreezing import base_policy, group_pattern
 
 __all__ = ["AdaptiveCallback", "decisions", "check_int", "check_fraction"]
 
@@ -255,31 +255,14 @@ class AdaptiveCallback(keras.callbacks.Callback):
     def _base_rules(self, model) -> dict:
         """The model's rules without this callback's, plus `Rule()` for undecided parts."""
         prefix = f"{self.key}:"
-        rules = model.peft_rules
-        ours = [p for p, r in rules.items() if r.note.startswith(prefix)]
-        ours_regex = [re.compile(p) for p in ours]
-        base = {p: r for p, r in rules.items() if p not in ours and r.note != _BASE_NOTE}
-        compiled = [re.compile(p) for p in base]
-        moving = {p for g in self.blocks.groups() for p in g.paths}
-        restore = []
-        for v in model.weights:
-            if v.path not in moving or id(v) not in self._capable:
-                continue
-            if any(r.fullmatch(v.path) for r in compiled):
-                continue
-            # Undecided by the base: trainable now, or frozen by an earlier run of ours.
-            if v.trainable or any(r.fullmatch(v.path) for r in ours_regex):
-                restore.append(v.path)
-        if restore:
-            base["(?:" + "|".join(re.escape(p) for p in restore) + ")"] = Rule(note=_BASE_NOTE)
-        return base
+        return base_policy(model, self.blocks, lambda r: r.note.startswith(prefix), _BASE_NOTE)
 
     def freeze_rules(self, groups, note: str) -> dict:
         """`{pattern: Rule(trainable=False)}` for `groups` (empty when there are none)."""
         groups = [g for g in groups if g.paths]
         if not groups:
             return {}
-        return {pattern_for(groups, self._paths):
+        return {group_pattern(groups, self._paths):
                 Rule(trainable=False, note=f"{self.key}: {note}")}
 
     def indices(self, group) -> list[int]:
@@ -308,17 +291,3 @@ class AdaptiveCallback(keras.callbacks.Callback):
                 return g
         raise KeyError(name)
 
-
-def pattern_for(groups, paths) -> str:
-    """One regex for `groups`: their patterns combined, or their exact paths.
-
-    The group patterns come from `model_blocks`; the combination is used only
-    if it matches exactly the groups' paths among all `paths`.
-    """
-    patterns = [g.pattern for g in groups]
-    combined = patterns[0] if len(patterns) == 1 else "(?:" + "|".join(patterns) + ")"
-    wanted = {p for g in groups for p in g.paths}
-    regex = re.compile(combined)
-    if {p for p in paths if regex.fullmatch(p)} == wanted:
-        return combined
-    return "(?:" + "|".join(re.escape(p) for p in paths if p in wanted) + ")"

@@ -127,7 +127,7 @@ class GradualUnfreezing(keras.callbacks.Callback):
         frozen = self._frozen_groups(stage)
         if not frozen:
             return dict(self.base_rules)
-        rules = {_pattern(frozen, self._paths): Rule(trainable=False, note=FROZEN_NOTE)}
+        rules = {group_pattern(frozen, self._paths): Rule(trainable=False, note=FROZEN_NOTE)}
         rules.update((p, r) for p, r in self.base_rules.items() if p not in rules)
         return rules
 
@@ -220,25 +220,8 @@ class GradualUnfreezing(keras.callbacks.Callback):
 
     def _base_rules(self, model) -> dict:
         """The model's rules without ours, plus `Rule()` for undecided trainable parts."""
-        rules = model.peft_rules
-        ours = [p for p, r in rules.items() if r.note == FROZEN_NOTE and not r.trainable]
-        ours_regex = [re.compile(p) for p in ours]
-        base = {p: r for p, r in rules.items() if p not in ours}
-        compiled = [re.compile(p) for p in base]
-        capable = keras3.trainable_capable(model)
-        moving = {p for g in (self._blocks.stem, *self._blocks.blocks) for p in g.paths}
-        restore = []
-        for v in model.weights:
-            if v.path not in moving or id(v) not in capable:
-                continue
-            if any(r.fullmatch(v.path) for r in compiled):
-                continue
-            # Undecided by the base: trainable now, or frozen by an earlier run of ours.
-            if v.trainable or any(r.fullmatch(v.path) for r in ours_regex):
-                restore.append(v.path)
-        if restore:
-            base["(?:" + "|".join(re.escape(p) for p in restore) + ")"] = Rule(note=_BASE_NOTE)
-        return base
+        return base_policy(model, self._blocks,
+                           lambda r: r.note == FROZEN_NOTE and not r.trainable, _BASE_NOTE)
 
     def _apply(self, stage, epoch, step=None):
         if stage == self.stage:
@@ -268,7 +251,36 @@ class GradualUnfreezing(keras.callbacks.Callback):
         return f"\n{where}: GradualUnfreezing {what}: stage {stage}/{last}, {trained}."
 
 
-def _pattern(groups, paths) -> str:
+def base_policy(model, blocks: Blocks, ours, note: str) -> dict:
+    """The rules of `model` without those a callback set itself: its *base policy*.
+
+    `ours(rule)` tells a callback's own rules (dropped). Variables of `blocks`
+    that no remaining rule decides and that train now, or that one of ours froze,
+    get an explicit `Rule(note=note)`, so that unfreezing gives them back (an
+    earlier rule with `note` is dropped and made again).
+    """
+    rules = model.peft_rules
+    mine = [p for p, r in rules.items() if ours(r)]
+    mine_regex = [re.compile(p) for p in mine]
+    base = {p: r for p, r in rules.items() if p not in mine and r.note != note}
+    compiled = [re.compile(p) for p in base]
+    capable = keras3.trainable_capable(model)
+    moving = {p for g in blocks.groups() for p in g.paths}
+    restore = []
+    for v in model.weights:
+        if v.path not in moving or id(v) not in capable:
+            continue
+        if any(r.fullmatch(v.path) for r in compiled):
+            continue
+        # Undecided by the base: trainable now, or frozen by an earlier run of ours.
+        if v.trainable or any(r.fullmatch(v.path) for r in mine_regex):
+            restore.append(v.path)
+    if restore:
+        base["(?:" + "|".join(re.escape(p) for p in restore) + ")"] = Rule(note=note)
+    return base
+
+
+def group_pattern(groups, paths) -> str:
     """One regex for `groups`: their patterns combined, or their exact paths.
 
     The group patterns come from `model_blocks`; the combination is used only
