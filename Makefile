@@ -28,7 +28,7 @@ venv-docs:
 # once from PyPI) on the sentiment demo sample that ships in recipes/data/.
 demo: venv
 	$(VENV)/bin/python recipes/bert_text_classification.py --data recipes/data/sentiment_demo.tsv \
-	    --strategy lora:8 --epochs 8 --batch-size 16 --sequence-length 32 \
+	    --strategy lora:8:all-linear:bias:norm --epochs 8 --batch-size 16 --sequence-length 32 \
 	    --validation-fraction 0.3 --output-dir runs/demo
 
 quickstart: venv
