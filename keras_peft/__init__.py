@@ -131,6 +131,19 @@ __all__ += [
     "PrefixError",
 ]
 
+# Named adapters: several on one base (docs/adapters.md, "Several adapters on one base").
+from keras_peft.adapters.lifecycle import (  # noqa: E402
+    AdapterInfo,
+    add_weighted_adapter,
+    adapters,
+    delete_adapter,
+    disable_adapters,
+    set_adapter,
+)
+
+__all__ += ["AdapterInfo", "add_weighted_adapter", "adapters", "delete_adapter",
+            "disable_adapters", "set_adapter"]
+
 # Reliability: exact resume, atomic writes, non-finite steps (docs/reliability.md).
 from keras_peft import io  # noqa: E402 (each block of this file imports after the last)
 from keras_peft.checkpoints.backup import BackupAndRestore  # noqa: E402

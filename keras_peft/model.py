@@ -24,6 +24,7 @@ import keras
 
 from keras_peft import nonfinite
 from keras_peft.adapters.config import AdapterConfig
+from keras_peft.adapters.layer import DEFAULT_ADAPTER, is_adapted
 from keras_peft.backends import backend_for, common, require_built
 from keras_peft.policy import apply_policy, fit_rules_to_model, sync_optimizer
 from keras_peft.rules import Plan, Rule
@@ -218,10 +219,20 @@ def _restore_lora_layers(backend, model, records: list[dict]) -> None:
             "built by your code instead: build it, keras_peft.lora(...) as before, then "
             "model.load_weights(...)."
         )
+    selected: dict = {}
     for layer, record in found:
-        if backend.lora_adapters(layer) is None:
+        name = record.get("adapter", DEFAULT_ADAPTER)
+        if name not in backend.adapter_configs(layer):
             backend.enable_lora(
-                layer, AdapterConfig.from_dict(record, legacy=backend.LEGACY_IMPLEMENTATION))
+                layer, AdapterConfig.from_dict(record, legacy=backend.LEGACY_IMPLEMENTATION),
+                adapter=name)
+        if is_adapted(layer):
+            layer._peft_adapters[name].merged = bool(record.get("merged", False))
+            names = selected.setdefault(id(layer), (layer, []))[1]
+            if record.get("selected", True):
+                names.append(name)
+    for layer, names in selected.values():
+        object.__setattr__(layer, "_peft_selected", tuple(names))
     backend.reset_compiled_functions(model)
 
 

@@ -12,7 +12,16 @@ from __future__ import annotations
 import re
 import warnings
 
-from keras_peft.rules import FrozenLayerError, UnmatchedRuleError, normalize_rules, resolve
+from keras_peft.adapters.lifecycle import idle_adapter_variables
+from keras_peft.rules import (
+    Decision,
+    FrozenLayerError,
+    Plan,
+    Rule,
+    UnmatchedRuleError,
+    normalize_rules,
+    resolve,
+)
 from keras_peft.state import state_of
 
 __all__ = ["apply_policy", "sync_optimizer", "fit_rules_to_model"]
@@ -30,7 +39,8 @@ def apply_policy(model, rules) -> None:
     backend = state.backend
     rules = normalize_rules(rules)
     weights = model.weights
-    plan = resolve(backend.variable_paths(model), rules)
+    plan = _idle_adapters_frozen(resolve(backend.variable_paths(model), rules),
+                                 weights, idle_adapter_variables(backend, model))
     capable = backend.trainable_capable(model)
     hidden = backend.hidden_by_layers(model)
     conflicts = [
@@ -51,6 +61,17 @@ def apply_policy(model, rules) -> None:
         if d.rule is not None and (d.lr_scale != 1.0 or d.grad_scale != 1.0)
     }
     state.set_policy(rules, plan, frozen, scales_by_id)
+
+
+def _idle_adapters_frozen(plan: Plan, weights, idle: dict) -> Plan:
+    """`plan` with the variables of adapters that are not selected (or are merged) frozen,
+    whatever the rules said: the selection decides which adapter trains."""
+    if not idle:
+        return plan
+    return Plan(tuple(
+        Decision(d.path, d.pattern, Rule(trainable=False, note=idle[id(v)]))
+        if id(v) in idle and d.trainable is not False else d
+        for v, d in zip(weights, plan)))
 
 
 def sync_optimizer(model, order: list | None = None) -> None:

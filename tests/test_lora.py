@@ -110,6 +110,7 @@ def test_adapters_are_float32_with_their_shapes_and_record():
             "dropout": 0.0,
             "init": "default",
             "implementation": "factored",
+            "adapter": "default",
             "targets": "embed|conv|mix|dense",
             "layers": ["embed", "conv", "mix", "dense"],
         }

@@ -32,8 +32,8 @@ INTERFACE = (
     "register_loader",
     # LoRA
     "lora_layer_paths", "lora_adapters", "lora_base_variable", "lora_already", "lora_blocker",
-    "lora_adapter_shapes", "enable_lora", "set_lora_enabled", "adapter_config", "lora_active",
-    "adapter_kind",
+    "lora_adapter_shapes", "enable_lora", "set_lora_enabled", "adapter_configs", "lora_active",
+    "adapter_kind", "remove_adapter_variables",
     # deltas
     "delta_variables", "dtype_name", "to_numpy", "saved_trainable", "model_header",
 )

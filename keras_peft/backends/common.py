@@ -51,14 +51,21 @@ def walk_once(model, children, visit, carried) -> None:
     step(model, carried)
 
 
-def lora_records(backend, model) -> list[dict]:
-    """`[{"layer", "rank", "alpha", "variant", ...}]` (`AdapterConfig.to_dict()` and the
-    layer path) for every layer of `model` that has LoRA adapters."""
-    return [
-        {"layer": path, **backend.adapter_config(layer).to_dict()}
-        for path, layer in backend.lora_layer_paths(model).items()
-        if backend.lora_adapters(layer) is not None
-    ]
+def lora_records(backend, model, adapters=None) -> list[dict]:
+    """`[{"layer", "adapter", "rank", "alpha", "variant", ..., "selected", "merged"}]`
+    (`AdapterConfig.to_dict()`, the layer path and the adapter's name and state) for
+    every adapter of `model` (those named in `adapters`, when given)."""
+    records = []
+    for path, layer in backend.lora_layer_paths(model).items():
+        selected = set(getattr(layer, "_peft_selected", ()))
+        own = getattr(layer, "_peft_adapters", {})
+        for name, config in backend.adapter_configs(layer).items():
+            if adapters is not None and name not in adapters:
+                continue
+            state = ({"selected": name in selected, "merged": own[name].merged}
+                     if name in own else {})
+            records.append({"layer": path, "adapter": name, **config.to_dict(), **state})
+    return records
 
 
 class layer_flags_shown_as:  # a context manager, named like a function

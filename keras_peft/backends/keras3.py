@@ -16,7 +16,13 @@ import numpy as np
 
 from keras_peft.adapters.config import AdapterConfig
 from keras_peft.adapters.kinds import KINDS, UnsupportedLayerError
-from keras_peft.adapters.layer import AdaptedLayer, adapter_shapes, check_adapter, is_adapted
+from keras_peft.adapters.layer import (
+    DEFAULT_ADAPTER,
+    AdaptedLayer,
+    adapter_shapes,
+    check_adapter,
+    is_adapted,
+)
 from keras_peft.backends import common
 from keras_peft.backends.common import walk_frozen
 from keras_peft.backends.tf_keras import check_not_mixed
@@ -184,24 +190,34 @@ def lora_adapter_names(layer) -> tuple[str, str]:
 
 
 def lora_adapters(layer):
-    """`(A, B)`, the layer's adapter variables, or None if it never had LoRA enabled."""
+    """`(A, B)`, the layer's adapter variables (of its first adapter, for keras-peft's
+    layers), or None if it never had LoRA enabled."""
+    if is_adapted(layer):
+        first = next(iter(layer._peft_adapters.values()), None)
+        return None if first is None else (first.by_key["a"], first.by_key["b"])
     a_name, b_name = lora_adapter_names(layer)
     a, b = getattr(layer, a_name, None), getattr(layer, b_name, None)
     return None if a is None or b is None else (a, b)
 
 
 def adapter_config(layer) -> AdapterConfig | None:
-    """The layer's adapter settings (keras-peft's or Keras' own LoRA), None without one."""
+    """The settings of the layer's first adapter, None without one."""
+    return next(iter(adapter_configs(layer).values()), None)
+
+
+def adapter_configs(layer) -> dict[str, AdapterConfig]:
+    """`{adapter name: settings}` of the layer's adapters (keras-peft's, or Keras' own
+    LoRA as `"default"`), empty without one."""
     if is_adapted(layer):
-        return layer._peft_adapter
+        return {n: a.config for n, a in layer._peft_adapters.items()}
     if lora_adapters(layer) is None:
-        return None
-    return AdapterConfig(rank=int(layer.lora_rank), alpha=layer.lora_alpha,
-                         implementation="keras")
+        return {}
+    return {DEFAULT_ADAPTER: AdapterConfig(rank=int(layer.lora_rank), alpha=layer.lora_alpha,
+                                           implementation="keras")}
 
 
 def lora_active(layer) -> bool:
-    """Whether the adapter computes (False once `merge` folded it into the weight)."""
+    """Whether an adapter is not merged (False once `merge` folded them into the weight)."""
     return bool(layer._peft_active) if is_adapted(layer) else bool(layer.lora_enabled)
 
 
@@ -266,7 +282,7 @@ class _SavedAdapter(AdaptedLayer):
         plain = self._peft_plain_class
         return {
             **super().get_config(),
-            _CONFIG_KEY: {**self._peft_adapter.to_dict(), "active": self._peft_active},
+            _CONFIG_KEY: adapters_record(self),
             _CLASS_KEY: {"module": plain.__module__, "class_name": plain.__name__,
                          "registered_name": keras.saving.get_registered_name(plain)},
         }
@@ -277,8 +293,8 @@ class _SavedAdapter(AdaptedLayer):
                 if id(v) not in adapter]
 
     def save_own_variables(self, store):
-        """The layer's own weights, then (unless merged) the adapter's. A merged layer
-        writes what its plain class would, so merged weights load into a plain model."""
+        """The layer's own weights, then (unless all are merged) every adapter's. A merged
+        layer writes what its plain class would, so merged weights load into a plain model."""
         base = self._peft_base_variables()
         for i, v in enumerate(base):
             store[str(i)] = v
@@ -291,11 +307,36 @@ class _SavedAdapter(AdaptedLayer):
         count = len(store.keys())
         if count not in (len(base), len(base) + len(adapter)):
             raise ValueError(
-                f"Layer {self.name!r} has {len(base)} weights and a LoRA adapter of "
+                f"Layer {self.name!r} has {len(base)} weights and adapters of "
                 f"{len(adapter)} variables, but the file lists {count} variables for it. "
-                "Load a file saved from this model, with the adapter added the same way.")
+                "Load a file saved from this model, with the adapters added the same way.")
         for i, v in enumerate(base + adapter[:count - len(base)]):
             v.assign(store[str(i)])
+
+
+def adapters_record(layer) -> dict:
+    """What a `.keras` file keeps of an adapted layer's adapters: each one's settings and
+    whether it is merged, which are selected, whether they are enabled."""
+    return {"adapters": [{"name": a.name, **a.config.to_dict(), "merged": a.merged}
+                         for a in layer._peft_adapters.values()],
+            "selected": list(layer._peft_selected), "enabled": bool(layer._peft_enabled)}
+
+
+def restore_adapters(layer, record: dict, enable) -> None:
+    """Adds the adapters `adapters_record` describes (`enable(layer, config, adapter=)`)
+    and their selection; reads the one-adapter record of keras-peft 0.x (`active`)."""
+    if "adapters" not in record:  # one adapter, `active` False once merged
+        record = {"adapters": [{**record, "name": DEFAULT_ADAPTER,
+                                "merged": not record.get("active", True)}],
+                  "selected": [DEFAULT_ADAPTER], "enabled": True}
+    for entry in record["adapters"]:
+        entry = dict(entry)
+        name, merged = entry.pop("name"), entry.pop("merged", False)
+        entry.pop("active", None)
+        enable(layer, AdapterConfig.from_dict(entry), adapter=name)
+        layer._peft_adapters[name].merged = bool(merged)
+    object.__setattr__(layer, "_peft_selected", tuple(record["selected"]))
+    object.__setattr__(layer, "_peft_enabled", bool(record.get("enabled", True)))
 
 
 def _adapted_class(plain: type) -> type:
@@ -320,22 +361,21 @@ class AdaptedLayerLoader:
         if plain is None:
             plain = getattr(importlib.import_module(where["module"]), where["class_name"])
         layer = plain.from_config(config)
-        active = adapter.pop("active", True)
         original_build = layer.build
 
-        def build(*args, **kwargs):  # the adapter needs the built weight
+        def build(*args, **kwargs):  # the adapters need the built weight
             original_build(*args, **kwargs)
-            enable_lora(layer, AdapterConfig.from_dict(adapter))
-            set_lora_enabled(layer, active)
+            restore_adapters(layer, adapter, enable_lora)
 
         layer.build = build
         return layer
 
 
 def set_lora_enabled(layer, enabled: bool) -> None:
-    """Switches the adapters in or out of the forward pass (used by merge/unmerge)."""
+    """Switches Keras' own LoRA in or out of the forward pass (used by merge/unmerge);
+    on keras-peft's layers, switches every adapter in or out of the forward pass."""
     if is_adapted(layer):
-        object.__setattr__(layer, "_peft_active", bool(enabled))
+        object.__setattr__(layer, "_peft_enabled", bool(enabled))
     else:
         layer.lora_enabled = enabled
 
@@ -609,26 +649,30 @@ def lora_already(layer) -> bool:
     return bool(layer.lora_enabled) or lora_adapters(layer) is not None
 
 
-def enable_lora(layer, config: AdapterConfig, *, initial=None) -> None:
-    """Adds the adapter `config` to `layer` (Keras' `enable_lora`, or keras-peft's layer).
+def enable_lora(layer, config: AdapterConfig, *, initial=None,
+                adapter: str = DEFAULT_ADAPTER) -> None:
+    """Adds the adapter `config` to `layer` (Keras' `enable_lora`, or keras-peft's layer,
+    as adapter `adapter` beside any it has).
 
     `initial=(A0, B0)` gives PiSSA's factors instead of an SVD (`load_delta`).
     """
     if config.implementation == "keras":
         layer.enable_lora(config.rank, lora_alpha=config.alpha)
         return
-    plain = type(layer)
-    object.__setattr__(layer, "__class__", _adapted_class(plain))
-    object.__setattr__(layer, "_peft_plain_class", plain)
+    if not is_adapted(layer):
+        plain = type(layer)
+        object.__setattr__(layer, "__class__", _adapted_class(plain))
+        object.__setattr__(layer, "_peft_plain_class", plain)
     name = "_embeddings" if isinstance(layer, keras.layers.Embedding) else "_kernel"
     dropout = None
+    suffix = "" if adapter == DEFAULT_ADAPTER else f"__{adapter}"
     layer._tracker.unlock()  # private: Keras' own enable_lora unlocks it the same way
     try:
         if config.dropout:
-            dropout = keras.layers.Dropout(config.dropout, name="lora_dropout")
-            layer.lora_dropout = dropout
+            dropout = keras.layers.Dropout(config.dropout, name=f"lora_dropout{suffix}")
+            setattr(layer, f"lora_dropout{suffix}", dropout)
         layer._peft_attach(config, adapter_kind(layer), name, _adder(layer), dropout,
-                           initial)
+                           initial, adapter)
         getattr(layer, name).trainable = False  # as enable_lora: plain `fit` trains the adapter
     finally:
         layer._tracker.lock()
@@ -641,13 +685,28 @@ def _adder(layer):
     return add
 
 
-def lora_adapter_shapes(layer, config: AdapterConfig) -> dict[str, tuple]:
-    """`{adapter variable name: shape}` that `enable_lora(layer, config)` creates."""
+def lora_adapter_shapes(layer, config: AdapterConfig,
+                        adapter: str = DEFAULT_ADAPTER) -> dict[str, tuple]:
+    """`{adapter variable name: shape}` that `enable_lora(layer, config, adapter=)` creates."""
     base_shape = tuple(lora_base_variable(layer).shape)
     if config.implementation == "keras":
         a_name, b_name = lora_adapter_names(layer)
         return {a_name: base_shape[:-1] + (config.rank,), b_name: (config.rank, base_shape[-1])}
-    return adapter_shapes(KINDS[adapter_kind(layer)], layer, base_shape, config)
+    return adapter_shapes(KINDS[adapter_kind(layer)], layer, base_shape, config, adapter)
+
+
+def remove_adapter_variables(layer, adapter) -> None:
+    """Untracks a deleted adapter's variables (and dropout) from `layer`."""
+    layer._tracker.unlock()  # private: Keras has no public way to drop a weight
+    try:
+        for v in adapter.by_key.values():
+            layer._untrack_variable(v)
+        if adapter.dropout is not None:
+            suffix = "" if adapter.name == DEFAULT_ADAPTER else f"__{adapter.name}"
+            layer._tracker.untrack(adapter.dropout)
+            layer.__dict__.pop(f"lora_dropout{suffix}", None)
+    finally:
+        layer._tracker.lock()
 
 
 def delta_variables(model) -> list:

@@ -47,7 +47,13 @@ import tensorflow as tf
 
 from keras_peft.adapters.config import AdapterConfig
 from keras_peft.adapters.kinds import KINDS, UnsupportedLayerError
-from keras_peft.adapters.layer import AdaptedLayer, adapter_shapes, check_adapter, is_adapted
+from keras_peft.adapters.layer import (
+    DEFAULT_ADAPTER,
+    AdaptedLayer,
+    adapter_shapes,
+    check_adapter,
+    is_adapted,
+)
 from keras_peft.backends import common
 from keras_peft.backends.common import walk_frozen
 
@@ -282,16 +288,23 @@ def _base_name(layer) -> str:
 
 
 def lora_adapters(layer):
-    kind = adapter_kind(layer)
-    if kind is None:
+    """`(A, B)` of the layer's first adapter, or None without one."""
+    if not is_adapted(layer) or not layer.__dict__.get("_peft_adapters"):
         return None
-    prefix = KINDS[kind].prefix
-    a, b = getattr(layer, f"{prefix}_a", None), getattr(layer, f"{prefix}_b", None)
-    return None if a is None or b is None else (a, b)
+    first = next(iter(layer._peft_adapters.values()), None)
+    return None if first is None else (first.by_key["a"], first.by_key["b"])
 
 
 def adapter_config(layer) -> AdapterConfig | None:
-    return layer._peft_adapter if is_adapted(layer) else None
+    """The settings of the layer's first adapter, None without one."""
+    return next(iter(adapter_configs(layer).values()), None)
+
+
+def adapter_configs(layer) -> dict[str, AdapterConfig]:
+    """`{adapter name: settings}` of the layer's adapters, empty without one."""
+    if lora_adapters(layer) is None:
+        return {}
+    return {n: a.config for n, a in layer._peft_adapters.items()}
 
 
 def lora_active(layer) -> bool:
@@ -316,15 +329,17 @@ def _call(self, inputs):
     return AdaptedLayer.call(self, inputs)
 
 
-def enable_lora(layer, config: AdapterConfig, *, initial=None) -> None:
+def enable_lora(layer, config: AdapterConfig, *, initial=None,
+                adapter: str = DEFAULT_ADAPTER) -> None:
     """Adds keras-peft's adapter `config` to `layer` (see `keras3.enable_lora`)."""
     cls = type(layer)
-    if cls not in _LORA_CLASSES:
-        # `Lora<Class>`: tf.keras' weight files name layers by class name, and files
-        # written by earlier keras-peft versions say `lora_dense`.
-        _LORA_CLASSES[cls] = type(f"Lora{cls.__name__}", (AdaptedLayer, cls),
-                                  {"__module__": __name__, "call": _call})
-    object.__setattr__(layer, "__class__", _LORA_CLASSES[cls])
+    if not is_adapted(layer):
+        if cls not in _LORA_CLASSES:
+            # `Lora<Class>`: tf.keras' weight files name layers by class name, and files
+            # written by earlier keras-peft versions say `lora_dense`.
+            _LORA_CLASSES[cls] = type(f"Lora{cls.__name__}", (AdaptedLayer, cls),
+                                      {"__module__": __name__, "call": _call})
+        object.__setattr__(layer, "__class__", _LORA_CLASSES[cls])
     dropout = _tfk().layers.Dropout(config.dropout) if config.dropout else None
 
     def add(name, shape, initializer, trainable):
@@ -332,7 +347,7 @@ def enable_lora(layer, config: AdapterConfig, *, initial=None) -> None:
                                 trainable=trainable, dtype="float32")
 
     layer._peft_attach(config, adapter_kind(layer), _base_name(layer), add, dropout,
-                       initial)
+                       initial, adapter)
 
 
 def lora_base_variable(layer):
@@ -340,7 +355,8 @@ def lora_base_variable(layer):
 
 
 def set_lora_enabled(layer, enabled: bool) -> None:
-    object.__setattr__(layer, "_peft_active", bool(enabled))
+    """Switches every adapter of `layer` in or out of the forward pass."""
+    object.__setattr__(layer, "_peft_enabled", bool(enabled))
 
 
 def lora_already(layer) -> bool:
@@ -364,10 +380,20 @@ def lora_blocker(layer, config: AdapterConfig | None = None) -> str | None:
     return None
 
 
-def lora_adapter_shapes(layer, config: AdapterConfig) -> dict[str, tuple]:
-    """`{adapter variable name: shape}` that `enable_lora(layer, config)` creates."""
+def lora_adapter_shapes(layer, config: AdapterConfig,
+                        adapter: str = DEFAULT_ADAPTER) -> dict[str, tuple]:
+    """`{adapter variable name: shape}` that `enable_lora(layer, config, adapter=)` creates."""
     return adapter_shapes(KINDS[adapter_kind(layer)], layer,
-                          tuple(lora_base_variable(layer).shape), config)
+                          tuple(lora_base_variable(layer).shape), config, adapter)
+
+
+def remove_adapter_variables(layer, adapter) -> None:
+    """Drops a deleted adapter's variables from `layer`'s weight lists."""
+    gone = {id(v) for v in adapter.by_key.values()}
+    # private: tf.keras keeps a layer's weights in these lists and has no removal API
+    layer._trainable_weights[:] = [v for v in layer._trainable_weights if id(v) not in gone]
+    layer._non_trainable_weights[:] = [v for v in layer._non_trainable_weights
+                                       if id(v) not in gone]
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ import safetensors.numpy
 
 from keras_peft._version import __version__
 from keras_peft.adapters.config import AdapterConfig
+from keras_peft.adapters.layer import DEFAULT_ADAPTER, is_adapted, variable_name
 from keras_peft.backends import common, require_built
 from keras_peft.io import atomic_path
 from keras_peft.model import get_rules, wrap
@@ -79,12 +80,13 @@ def _write(tensors: dict, path: str, metadata: dict) -> None:
 
 
 # ------------------------------------------------------------------- save
-def save_delta(model, path) -> None:
+def save_delta(model, path, adapter=None) -> None:
     """Saves only what fine-tuning changed, keyed by variable path.
 
     Writes a safetensors file with
 
-    - every variable of `model.trainable_weights` (LoRA adapters, a head...);
+    - every variable of `model.trainable_weights` (LoRA adapters, a head...)
+      and every variable of every named adapter, selected or not;
     - the non-trainable state of trainable layers (BatchNorm moving
       statistics, which `fit` updates even when the rules freeze gamma/beta);
 
@@ -97,12 +99,21 @@ def save_delta(model, path) -> None:
     The write is atomic: a temporary file in the same folder is renamed over
     `path` once complete, so a crash leaves any previous file intact.
 
+    With `adapter` (a name or a list of names) the file holds only those
+    adapters: their variables and settings, no rules and nothing else the
+    model trains (a head outside the adapter is not in it: to keep a task's
+    head with its adapter, put the head under the adapter, e.g.
+    `targets=r".*(query|value|logits)"`). `load_delta` adds them to a
+    base that may have other adapters.
+
     Args:
-        model: a built Keras 3 model, usually wrapped (`keras_peft.wrap`).
+        model: a built Keras 3 or tf.keras model, usually wrapped (`keras_peft.wrap`).
         path: the file to write (by convention `*.safetensors`).
+        adapter: None (everything), or the name(s) of the adapters to save.
 
     Raises:
-        ValueError: the model is merged (`keras_peft.merge`): unmerge first.
+        ValueError: the model is merged (`keras_peft.merge`): unmerge first;
+            an unknown adapter name.
         DuplicatePathError: two saved variables share a path.
 
     Example:
@@ -137,7 +148,21 @@ def save_delta(model, path) -> None:
             "hold the adapters, which a delta does not save. Call "
             "keras_peft.unmerge(model) first, save, then merge again if needed."
         )
-    variables = backend.delta_variables(model)
+    if adapter is None:
+        names = None
+        own = {id(v) for layer in backend.lora_layer_paths(model).values() if is_adapted(layer)
+               for v in layer._peft_variables.values()}
+        variables = common.in_model_order(
+            model, {id(v) for v in backend.delta_variables(model)} | own)
+    else:
+        from keras_peft.adapters.lifecycle import _check_known, _names, adapters
+
+        names = _names(adapter)
+        _check_known(model, names, adapters(model))
+        variables = common.in_model_order(model, {
+            id(v) for layer in backend.lora_layer_paths(model).values() if is_adapted(layer)
+            for a in layer._peft_adapters.values() if a.name in names
+            for v in a.by_key.values()})
     path_of = dict(zip((id(v) for v in model.weights), backend.variable_paths(model)))
     check_unique_paths([path_of[id(v)] for v in variables])
     tensors = {path_of[id(v)]: backend.to_numpy(v) for v in variables}
@@ -145,8 +170,9 @@ def save_delta(model, path) -> None:
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "model": backend.model_header(model),
-        "rules": {p: r.get_config() for p, r in get_rules(model).items()} or None,
-        "lora": common.lora_records(backend, model),
+        "rules": ({p: r.get_config() for p, r in get_rules(model).items()} or None
+                  if names is None else None),
+        "lora": common.lora_records(backend, model, names),
         "variables": {
             path_of[id(v)]: {"shape": list(v.shape), "dtype": backend.dtype_name(v),
                              "trainable": backend.saved_trainable(v)}
@@ -279,34 +305,39 @@ def _fit_saved_paths(backend, model, header: dict, tensors: dict, record: list):
     if header.get("rules"):
         header["rules"] = {pattern(p): r for p, r in dict(header["rules"]).items()}
     tensors = {moved(p): a for p, a in tensors.items()}
-    record = [(moved(name), config) for name, config in record]
+    record = [(moved(name), adapter, config) for name, adapter, config in record]
     return header, tensors, record
 
 
 def _plan_lora(backend, model, record: list, path: str) -> tuple[list, dict]:
-    """Which layers need adapters, and the `{path: (shape, dtype)}` those will have."""
+    """Which adapters need adding, and the `{path: (shape, dtype)}` those will have."""
     layers = backend.lora_layer_paths(model)
     to_enable, expected, problems = [], {}, []
-    for name, config in record:
+    for name, adapter, config in record:
         layer = layers.get(name)
         if layer is None:
             problems.append(f"layer {name!r} is not in the model (or cannot have LoRA)")
             continue
-        if backend.lora_adapters(layer) is not None:
-            have = backend.adapter_config(layer)
-            if not backend.lora_active(layer) or have != config:
+        have = backend.adapter_configs(layer)
+        if adapter in have:
+            if not backend.lora_active(layer) or have[adapter] != config:
                 problems.append(
-                    f"layer {name!r} already has LoRA ({have.describe()}, "
-                    f"enabled={backend.lora_active(layer)}); the delta has {config.describe()}"
+                    f"layer {name!r} already has adapter {adapter!r} "
+                    f"({have[adapter].describe()}, enabled={backend.lora_active(layer)}); "
+                    f"the delta has {config.describe()}"
                 )
-            continue  # same adapters already there: just assign them
+            continue  # same adapter already there: just assign it
+        if have and "keras" in {config.implementation,
+                                *(c.implementation for c in have.values())}:
+            problems.append(f"layer {name!r} has Keras' own LoRA, which takes one adapter")
+            continue
         reason = backend.lora_blocker(layer, config)
         if reason:
             problems.append(f"layer {name!r} cannot have LoRA: {reason}")
             continue
-        for adapter, shape in backend.lora_adapter_shapes(layer, config).items():
-            expected[f"{name}/{adapter}" if name else adapter] = (shape, "float32")
-        to_enable.append((layer, name, config))
+        for variable, shape in backend.lora_adapter_shapes(layer, config, adapter).items():
+            expected[f"{name}/{variable}" if name else variable] = (shape, "float32")
+        to_enable.append((layer, name, adapter, config))
     if problems:
         raise DeltaMismatchError(
             f"Delta file {path!r} has LoRA adapters that this model cannot take "
@@ -366,7 +397,7 @@ def _check_fit(backend, model, header: dict, tensors: dict, planned: dict, path:
             ) from None
 
 
-def load_delta(model, path):
+def load_delta(model, path, adapter=None):
     """Loads a `save_delta` file onto a freshly built base model, and wraps it.
 
     In order: reads and checks the file (readable, complete, checksum);
@@ -380,11 +411,18 @@ def load_delta(model, path):
     If any check fails, the model is left exactly as it was: no adapter is
     added, no value or trainable flag changes.
 
+    Named adapters are added beside the model's own (one that exists with
+    the same settings is assigned); the adapters selected when the file was
+    saved are selected again (with `adapter`, or from a file of one adapter:
+    the loaded one alone, as `lora` would).
+
     Args:
         model: the base model the delta was trained from, built the same way
             (same layer names, so the same variable paths), e.g. a fresh
             `keras_hub.models.BertTextClassifier.from_preset(...)`.
         path: a file written by `keras_peft.save_delta`.
+        adapter: None (everything in the file), or the name of the one
+            adapter to load from it (its variables only).
 
     Returns:
         The same model, wrapped with the saved rules.
@@ -428,39 +466,79 @@ def load_delta(model, path):
     backend = require_built(model, "load_delta", "load_delta with")
     path = os.fspath(path)
     header, tensors = _read(path)
-    record = _lora_record_of(backend, header, path)
+    record = _lora_record_of(backend, header, path, adapter)
+    if adapter is not None:
+        header, tensors = _only_adapter(backend, header, tensors, record, adapter)
     header, tensors, record = _fit_saved_paths(backend, model, header, tensors, record)
     to_enable, planned = _plan_lora(backend, model, record, path)
     _check_fit(backend, model, header, tensors, planned, path)
     _apply(backend, model, header, tensors, to_enable)
     groups: dict = {}
-    for _, name, config in to_enable:
-        groups.setdefault(config, []).append(name)
-    for config, layers in groups.items():
-        state_of(model).add_lora(
-            {**config.to_dict(), "targets": None, "layers": layers, "source": path})
+    for _, name, adapter, config in to_enable:
+        groups.setdefault((adapter, config), []).append(name)
+    for (adapter, config), layers in groups.items():
+        state_of(model).add_lora({**config.to_dict(), "adapter": adapter, "targets": None,
+                                  "layers": layers, "source": path})
     return model
 
 
-def _lora_record_of(backend, header: dict, path: str) -> list[tuple[str, AdapterConfig]]:
+def _lora_record_of(backend, header: dict, path: str, adapter=None) -> list[tuple]:
+    """`[(layer path, adapter name, AdapterConfig)]` of the file (of adapter `adapter`)."""
     try:
-        return [
-            (str(e["layer"]), AdapterConfig.from_dict(e, legacy=backend.LEGACY_IMPLEMENTATION))
+        found = [
+            (str(e["layer"]), str(e.get("adapter", DEFAULT_ADAPTER)),
+             AdapterConfig.from_dict(e, legacy=backend.LEGACY_IMPLEMENTATION))
             for e in header.get("lora") or []
         ]
     except (KeyError, TypeError, ValueError) as e:
         raise DeltaFileError(
             f"Cannot read delta file {path!r}: its LoRA record is damaged ({e})."
         ) from None
+    if adapter is not None and not any(a == adapter for _, a, _ in found):
+        raise DeltaMismatchError(
+            f"Delta file {path!r} has no adapter named {adapter!r}; it has "
+            f"{sorted({a for _, a, _ in found}) or '(none)'}. Received: adapter={adapter!r}.")
+    return [r for r in found if adapter is None or r[1] == adapter]
 
 
-def _pissa_initial(name: str, config: AdapterConfig, prefix: str, tensors: dict):
+def _pissa_initial(name: str, adapter: str, config: AdapterConfig, prefix: str,
+                   tensors: dict):
     """PiSSA's saved initial factors of layer `name`, so that its residual weight is
     re-created from the fresh base (not from a new SVD); None for other adapters."""
     if config.init != "pissa":
         return None
     at = f"{name}/" if name else ""
-    return tensors[f"{at}{prefix}_a_init"], tensors[f"{at}{prefix}_b_init"]
+    return tuple(tensors[at + variable_name(prefix, k, adapter)] for k in ("a_init", "b_init"))
+
+
+def _only_adapter(backend, header: dict, tensors: dict, record: list, adapter: str):
+    """The file's header and tensors cut to adapter `adapter`'s variables (no rules)."""
+    keep = set()
+    for name, _, config in record:
+        layer_prefix = f"{name}/" if name else ""
+        for kind in ("lora_kernel", "lora_embeddings"):
+            keep.update(layer_prefix + variable_name(kind, k, adapter)
+                        for k in ("a", "b", "magnitude", "merged_norm", "a_init", "b_init"))
+    header = {**header, "rules": None,
+              "variables": {p: d for p, d in header["variables"].items() if p in keep},
+              "lora": [e for e in header.get("lora") or []
+                       if e.get("adapter", DEFAULT_ADAPTER) == adapter]}
+    return header, {p: a for p, a in tensors.items() if p in keep}
+
+
+def _select_loaded(backend, model, header: dict, to_enable: list) -> None:
+    """Selects the adapters the file had selected (all of its adapters when it says
+    nothing, as files of keras-peft 0.x); the adapters of one-adapter loads alone."""
+    from keras_peft.adapters.lifecycle import select_adapters
+
+    entries = header.get("lora") or []
+    named = {e.get("adapter", DEFAULT_ADAPTER) for e in entries}
+    if not named or not any(is_adapted(layer) for layer, *_ in to_enable):
+        return
+    chosen = [n for n in dict.fromkeys(e.get("adapter", DEFAULT_ADAPTER) for e in entries)
+              if len(named) == 1 or any(e.get("selected", True) for e in entries
+                                        if e.get("adapter", DEFAULT_ADAPTER) == n)]
+    select_adapters(backend, model, chosen)
 
 
 def _apply(backend, model, header: dict, tensors: dict, to_enable: list) -> None:
@@ -475,22 +553,30 @@ def _apply(backend, model, header: dict, tensors: dict, to_enable: list) -> None
     values = [(v, backend.to_numpy(v)) for v in model.weights if paths[id(v)] in tensors]
     enabled = []
     try:
-        for layer, name, config in to_enable:
+        for layer, name, adapter, config in to_enable:
             prefix = next(iter(backend.lora_adapter_shapes(layer, config))).rsplit("_", 1)[0]
-            backend.enable_lora(layer, config,
-                                initial=_pissa_initial(name, config, prefix, tensors))
-            enabled.append(layer)
+            backend.enable_lora(layer, config, adapter=adapter,
+                                initial=_pissa_initial(name, adapter, config, prefix, tensors))
+            enabled.append((layer, adapter))
+        _select_loaded(backend, model, header, to_enable)
         by_path = dict(zip(backend.variable_paths(model), model.weights))
         for p, value in tensors.items():
             by_path[p].assign(value)
         if header.get("rules"):
             wrap(model, header["rules"])
+        elif to_enable:
+            from keras_peft.adapters.lifecycle import _apply_trainability
+
+            _apply_trainability(backend, model)
     except BaseException:
         for v, value in values:
             v.assign(value)
         backend.set_trainable(model, [], model.weights, flags, {})
-        for layer in enabled:
-            backend.set_lora_enabled(layer, False)
+        for layer, adapter in enabled:
+            if is_adapted(layer):
+                backend.remove_adapter_variables(layer, layer._peft_detach(adapter))
+            else:
+                backend.set_lora_enabled(layer, False)
         backend.reset_compiled_functions(model)
         raise
     backend.reset_compiled_functions(model)

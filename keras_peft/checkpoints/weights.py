@@ -42,6 +42,7 @@ import keras
 import numpy as np
 
 from keras_peft.adaptive.monitor import GradientMonitor
+from keras_peft.adapters.layer import is_adapted
 from keras_peft.backends import keras3
 from keras_peft.policy import apply_policy, fit_rules_to_model, sync_optimizer
 from keras_peft.state import state_of
@@ -102,14 +103,21 @@ def capture(model) -> tuple[dict, list[np.ndarray]]:
     lora = []
     for path, layer in _lora_layers(model):
         own = [v for v in keras3.own_variables(layer) if id(v) in index]
-        config = keras3.adapter_config(layer)
-        lora.append({
+        configs = keras3.adapter_configs(layer)
+        config = next(iter(configs.values()))
+        entry = {
             "layer": path,
             "rank": int(config.rank),
             "alpha": config.alpha,
             "enabled": keras3.lora_active(layer),
             "values": {str(index[id(v)]): add(v) for v in own},
-        })
+        }
+        if is_adapted(layer):  # named adapters: each one's alpha and state, the selection
+            entry["adapters"] = {n: {"alpha": a.config.alpha, "merged": a.merged}
+                                 for n, a in layer._peft_adapters.items()}
+            entry["selected"] = list(layer._peft_selected)
+            entry["switched_on"] = bool(layer._peft_enabled)
+        lora.append(entry)
     seeds = [[name, add(generator.state)] for name, generator in _seed_entries(model)]
     peft = state_of(model)
     guard = peft.nonfinite
@@ -188,12 +196,21 @@ def _check_lora(model, state: dict, mapped: list) -> list:
                 f"{entry['layer']!r}, which has none in model {model.name!r}. Add them "
                 "before loading, as the training script did (keras_peft.lora(model, ...))."
             )
-        alpha = keras3.adapter_config(layer).alpha
-        if alpha != entry["alpha"]:
+        configs = keras3.adapter_configs(layer)
+        saved = entry.get("adapters") or {next(iter(configs)): {"alpha": entry["alpha"]}}
+        if set(saved) != set(configs):
+            raise CheckpointMismatchError(
+                f"Layer {entry['layer']!r} has adapters {sorted(configs)} in model "
+                f"{model.name!r} but {sorted(saved)} in the weights file. Add the same named "
+                "adapters before loading (keras_peft.lora(model, ..., adapter=...)).")
+        wrong = [(n, c.alpha, saved[n]["alpha"]) for n, c in configs.items()
+                 if saved[n]["alpha"] != c.alpha]
+        if wrong:
+            name, alpha, saved_alpha = wrong[0]
             raise CheckpointMismatchError(
                 f"Layer {entry['layer']!r} has LoRA alpha {alpha} in model "
-                f"{model.name!r} but {entry['alpha']} in the weights file. Use the alpha "
-                "the checkpoint was trained with."
+                f"{model.name!r} but {saved_alpha} in the weights file (adapter {name!r}). "
+                "Use the alpha the checkpoint was trained with."
             )
         plan.append((layer, entry))
     return plan
@@ -265,7 +282,16 @@ def restore(model, state: dict, tensors: list) -> None:
     peft.bump()  # retrace the step
     exact = []
     for layer, entry in lora:
-        keras3.set_lora_enabled(layer, entry["enabled"])
+        if is_adapted(layer) and "adapters" in entry:
+            for n, saved in entry["adapters"].items():
+                layer._peft_adapters[n].merged = bool(saved["merged"])
+            object.__setattr__(layer, "_peft_selected", tuple(entry["selected"]))
+            keras3.set_lora_enabled(layer, entry["switched_on"])
+        elif is_adapted(layer):  # a file of keras-peft 0.x: enabled False once merged
+            for a in layer._peft_adapters.values():
+                a.merged = not entry["enabled"]
+        else:
+            keras3.set_lora_enabled(layer, entry["enabled"])
         exact.extend((mapped[int(i)], tensors[t]) for i, t in entry["values"].items())
     exact.extend(seed_values)
     for variable, value in exact:

@@ -28,7 +28,8 @@ import keras
 from keras import ops
 
 from keras_peft.adapters.config import AdapterConfig
-from keras_peft.adapters.layer import adapter_variables, is_adapted
+from keras_peft.adapters.layer import DEFAULT_ADAPTER, TRAINED_KEYS, check_adapter_name, is_adapted
+from keras_peft.adapters.lifecycle import select_adapters
 from keras_peft.backends import backend_for, keras3, require_built
 from keras_peft.rules import FrozenLayerError, PolicyError, Rule, widened_pattern
 from keras_peft.state import state_of
@@ -147,6 +148,7 @@ def lora(
     init: str = "default",
     loraplus_ratio: float | None = None,
     implementation: str = "factored",
+    adapter: str = DEFAULT_ADAPTER,
     block_names=None,
     rest: Rule | None = FROZEN,
 ) -> dict:
@@ -192,6 +194,12 @@ def lora(
         implementation: `"factored"` (keras-peft's adapters) or `"keras"`
             (Keras 3's `layer.enable_lora`, which forms `W + s A B` every step
             and has rank and alpha only).
+        adapter: the adapter's name. A layer takes several named adapters
+            beside each other (keras-peft's own, not `implementation="keras"`);
+            the new one becomes the model's selected adapter (the others stay,
+            switched off: `keras_peft.set_adapter` switches between them).
+            `"default"` keeps the variable names `lora_kernel_a` etc.; another
+            name `n` gives `lora_kernel_a__n`.
         block_names: ordered block names, when `model_blocks` cannot infer
             the head (or, with `"all-linear"`, the blocks).
         rest: the rule for every other variable (default frozen), or None to
@@ -204,7 +212,8 @@ def lora(
         LoraTargetError: `targets` matched no layer that supports LoRA.
         BlockInferenceError: the head cannot be told apart; pass `block_names`.
         ValueError: an invalid option; an unbuilt model; a matched layer that
-            already has LoRA, or that cannot have it (a weight constraint, a
+            already has an adapter of that name (or Keras' own LoRA), or that
+            cannot have it (a weight constraint, a
             quantized layer, an `EinsumDense` equation without separate input
             and output axes), or that is frozen with `layer.trainable = False`.
 
@@ -234,6 +243,12 @@ def lora(
     config = AdapterConfig(rank=rank, alpha=rank if alpha is None else alpha, variant=variant,
                            rslora=rslora, dropout=dropout, init=init,
                            implementation=implementation)
+    check_adapter_name(adapter)
+    if implementation == "keras" and adapter != DEFAULT_ADAPTER:
+        raise ValueError(
+            "Keras' built-in LoRA (implementation='keras') has one unnamed adapter per layer; "
+            "named adapters need keras-peft's layers: drop implementation='keras'. "
+            f"Received: adapter={adapter!r}.")
     ratio = _check_ratio(loraplus_ratio)
     regex = _check_targets(targets)
     if rest is not None and not isinstance(rest, Rule):
@@ -242,14 +257,16 @@ def lora(
     if regex is None:
         candidates = _all_linear(backend, model, block_names)
         regex = re.compile("|".join(re.escape(p) for p in candidates) or "(?!)")
-    matched = _matched_layers(backend, model, targets, regex, config)
+    matched = _matched_layers(backend, model, targets, regex, config, adapter)
     head, _ = head_and_neck(model, block_names)  # may raise: before any change
 
     for layer in matched.values():
-        backend.enable_lora(layer, config)
+        backend.enable_lora(layer, config, adapter=adapter)
+    if implementation == "factored":
+        select_adapters(backend, model, [adapter])
     backend.reset_compiled_functions(model)
     state_of(model, backend).add_lora(
-        {**config.to_dict(), "targets": targets, "layers": list(matched)})
+        {**config.to_dict(), "adapter": adapter, "targets": targets, "layers": list(matched)})
     return _lora_rules(backend, model, matched, head, rest, ratio)
 
 
@@ -268,19 +285,26 @@ def _all_linear(backend, model, block_names) -> list[str]:
     return [p for p in layers if p in inside and p not in owned]
 
 
-def _matched_layers(backend, model, targets: str, regex, config) -> dict:
+def _matched_layers(backend, model, targets: str, regex, config, adapter) -> dict:
     """The layers `targets` selects, once each is checked to take LoRA (before any change)."""
     candidates = backend.lora_layer_paths(model)
     matched = {p: layer for p, layer in candidates.items() if regex.fullmatch(p)}
     if not matched:
         raise LoraTargetError(targets, list(candidates), backend.LORA_LAYERS)
     for path, layer in matched.items():
-        if backend.lora_already(layer):
+        have = backend.adapter_configs(layer)
+        keras_own = any(c.implementation == "keras" for c in have.values())
+        if adapter in have or keras_own or (have and config.implementation == "keras"):
+            shown = (have[DEFAULT_ADAPTER].describe() if list(have) == [DEFAULT_ADAPTER]
+                     else ", ".join(f"{n!r}: {c.describe()}" for n, c in have.items()))
             raise ValueError(
-                f"Layer {path!r} already has LoRA adapters "
-                f"({backend.adapter_config(layer).describe()}); a layer takes one. Narrow "
-                f"`targets` to leave it out, or start from a model without "
-                f"adapters. Received: targets={targets!r}."
+                f"Layer {path!r} already has LoRA adapters ({shown}); "
+                + ("Keras' own LoRA takes one per layer. " if keras_own
+                   or config.implementation == "keras" else
+                   f"give the new one another name (adapter=...), or delete it first with "
+                   f"keras_peft.delete_adapter(model, {adapter!r}). ")
+                + "Narrow `targets` to leave it out, or start from a model without "
+                f"adapters. Received: targets={targets!r}, adapter={adapter!r}."
             )
         reason = backend.lora_blocker(layer, config)
         if reason:
@@ -296,15 +320,27 @@ def _matched_layers(backend, model, targets: str, regex, config) -> dict:
     return matched
 
 
-def _trained_adapter_variables(backend, layer) -> list:
-    """A, B and (DoRA) the magnitude: the adapter variables that train."""
+def _trained_adapter_variables(backend, layer, adapter: str | None = None) -> list:
+    """A, B and (DoRA) the magnitude: the adapter variables that train (of every
+    adapter, or of `adapter`)."""
     if is_adapted(layer):
-        return [v for v in adapter_variables(layer).values() if v.trainable]
+        return [v for a in layer._peft_adapters.values() if adapter in (None, a.name)
+                for k, v in a.by_key.items() if k in TRAINED_KEYS]
     return list(backend.lora_adapters(layer))
 
 
+def _b_variables(backend, layer) -> list:
+    if is_adapted(layer):
+        return [a.by_key["b"] for a in layer._peft_adapters.values()]
+    return [backend.lora_adapters(layer)[1]]
+
+
 def _lora_rules(backend, model, matched: dict, head, rest, ratio) -> dict:
-    """Adapters train, the adapted kernels freeze, the head trains, `rest` decides the rest."""
+    """Adapters train, the adapted kernels freeze, the head trains, `rest` decides the rest.
+
+    The adapter patterns cover every adapter the matched layers have (whichever
+    `set_adapter` selects trains under them; the others are frozen while not selected).
+    """
     paths = backend.variable_paths(model)
     path_of = dict(zip((id(v) for v in model.weights), paths))
     adapters = [path_of[id(v)] for layer in matched.values()
@@ -314,9 +350,11 @@ def _lora_rules(backend, model, matched: dict, head, rest, ratio) -> dict:
     if ratio is None:
         rules[_pattern(adapters, paths)] = Rule(note=ADAPTER_NOTE)
     else:
-        b_paths = [path_of[id(backend.lora_adapters(layer)[1])] for layer in matched.values()]
+        all_b = {path_of[id(v)] for layer in matched.values()
+                 for v in _b_variables(backend, layer)}
+        b_paths = [p for p in adapters if p in all_b]
         rules[_pattern(b_paths, paths)] = Rule(lr_scale=ratio, note=f"{ADAPTER_NOTE} B (LoRA+)")
-        rules[_pattern([p for p in adapters if p not in set(b_paths)], paths)] = Rule(
+        rules[_pattern([p for p in adapters if p not in all_b], paths)] = Rule(
             note=ADAPTER_NOTE)
     rules[_pattern(bases, paths)] = Rule(trainable=False, note="lora base")
     capable = backend.trainable_capable(model)
@@ -335,8 +373,8 @@ def _adapted_layers(backend, model) -> dict:
     }
 
 
-def merge(model):
-    """Folds every active adapter into its base weight, for serving.
+def merge(model, adapter=None):
+    """Folds the selected adapters (or the named ones) into their base weights, for serving.
 
     Each adapted layer's base weight becomes its effective weight (LoRA:
     `W + s * B A`; DoRA: `m / ||W + s B A|| * (W + s B A)` per column),
@@ -349,11 +387,18 @@ def merge(model):
     base model writes weights that load into a plain base model without
     LoRA. Do not train a merged model: `unmerge` it first.
 
+    Args:
+        model: a model with adapters.
+        adapter: None (the selected adapters), or a name or list of names
+            of selected adapters to merge (the others keep computing beside).
+
     Returns:
         The same model.
 
     Raises:
-        ValueError: the model has no adapters, is merged already, or has
+        ValueError: the model has no adapters, is merged already (with
+            `adapter=None`), a named adapter is unknown, not selected or merged
+            already, or the model has
             Keras' LoRA on a quantized layer (whose base weight cannot absorb
             a float update).
 
@@ -385,13 +430,14 @@ def merge(model):
             f"Model {model.name!r} has no LoRA adapters to merge. Add them with "
             "keras_peft.lora(model, rank) and train first."
         )
-    if state_of(model).merged:
+    names = None if adapter is None else _merge_names(backend, model, adapter, merged=False)
+    if names is None and (state_of(model).merged or _merged_names(backend, model)):
         raise ValueError(
             f"Model {model.name!r} is merged already ({len(state_of(model).merged)} "
             "layers): merging again would add the adapters twice. Call "
             "keras_peft.unmerge(model) first."
         )
-    enabled = {p: layer for p, layer in adapted.items() if backend.lora_active(layer)}
+    enabled = {p: layer for p, layer in adapted.items() if _computes(backend, layer, names)}
     if not enabled:
         raise ValueError(
             f"Model {model.name!r} has LoRA adapters, but none is enabled "
@@ -404,14 +450,48 @@ def merge(model):
             "weights are integers. Merge before quantizing (on a float model), or "
             "serve with the adapters enabled."
         )
-    _fold(backend, model, enabled, merge=True)
-    state_of(model).merged = list(enabled)
+    _fold(backend, model, enabled, merge=True, names=names)
+    state_of(model).merged = sorted(set(state_of(model).merged) | set(enabled),
+                                    key=list(adapted).index)
     return model
 
 
-def _fold(backend, model, layers: dict, *, merge: bool) -> None:
-    """Merges (or unmerges) each layer's adapter; Keras' LoRA: `base = base +- s * A @ B`
-    (float32), every value computed before the first assignment."""
+def _computes(backend, layer, names) -> bool:
+    """Whether `layer` has an adapter to merge: a computing one (of `names`, if given)."""
+    if not is_adapted(layer):
+        return backend.lora_active(layer) and names in (None, [DEFAULT_ADAPTER])
+    return any(names is None or a.name in names for a in layer._peft_computing())
+
+
+def _merged_names(backend, model) -> set:
+    return {a.name for layer in _adapted_layers(backend, model).values() if is_adapted(layer)
+            for a in layer._peft_adapters.values() if a.merged}
+
+
+def _merge_names(backend, model, adapter, *, merged: bool) -> list[str]:
+    """The adapter names given to merge/unmerge, checked against the model's adapters."""
+    from keras_peft.adapters.lifecycle import _check_known, _names, adapters
+
+    names = _names(adapter)
+    known = adapters(model)
+    _check_known(model, names, known)
+    for n in names:
+        if merged and not known[n].merged:
+            raise ValueError(f"Adapter {n!r} is not merged, so there is nothing to unmerge. "
+                             f"Merged adapters: {sorted(_merged_names(backend, model))}.")
+        if not merged and known[n].merged:
+            raise ValueError(f"Adapter {n!r} is merged already: merging it again would add "
+                             "it twice. keras_peft.unmerge(model, ...) first.")
+        if not merged and not known[n].selected:
+            raise ValueError(f"Adapter {n!r} is not selected, so it does not compute: "
+                             f"keras_peft.set_adapter(model, ...) with it first, then merge.")
+    return names
+
+
+def _fold(backend, model, layers: dict, *, merge: bool, names=None) -> None:
+    """Merges (or unmerges) each layer's adapters (`names`, or all that compute / are
+    merged); Keras' LoRA: `base = base +- s * A @ B` (float32), every value computed before
+    the first assignment."""
     values = []
     for layer in layers.values():
         if is_adapted(layer):
@@ -422,15 +502,19 @@ def _fold(backend, model, layers: dict, *, merge: bool) -> None:
                                              base.dtype)))
     for layer in layers.values():
         if is_adapted(layer):
-            layer._peft_merge() if merge else layer._peft_unmerge()
+            chosen = None if names is None else [n for n in names if n in layer._peft_adapters]
+            layer._peft_merge(chosen) if merge else layer._peft_unmerge(chosen)
     for layer, base, value in values:
         base.assign(value)
         keras3.set_lora_enabled(layer, not merge)
     backend.reset_compiled_functions(model)
+    from keras_peft.adapters.lifecycle import _apply_trainability
+
+    _apply_trainability(backend, model)  # merged adapters do not train
 
 
-def unmerge(model):
-    """Undoes `merge`: takes the adapters out of the base weights and re-enables them.
+def unmerge(model, adapter=None):
+    """Undoes `merge`: takes the merged adapters (or the named ones) out of the base weights.
 
     The base weights come back to float32 rounding (measured: at most
     2e-7 relative on all-MiniLM-L6-v2's projections). With `init="pissa"`
@@ -441,9 +525,10 @@ def unmerge(model):
         The same model.
 
     Raises:
-        ValueError: the model is not merged.
+        ValueError: the model is not merged, or a named adapter is not.
     """
     backend = require_built(model, "unmerge")
+    names = None if adapter is None else _merge_names(backend, model, adapter, merged=True)
     paths = list(state_of(model).merged)
     if not paths:
         raise ValueError(
@@ -454,6 +539,10 @@ def unmerge(model):
     missing = [p for p in paths if p not in adapted]
     if missing:  # pragma: no cover - the model's layers were replaced
         raise ValueError(f"Merged layers {missing[:5]} are no longer in model {model.name!r}.")
-    _fold(backend, model, {p: adapted[p] for p in paths}, merge=False)
-    state_of(model).merged = []
+    if names is not None and any(not is_adapted(adapted[p]) for p in paths):
+        names = None  # Keras' own LoRA: one adapter
+    _fold(backend, model, {p: adapted[p] for p in paths}, merge=False, names=names)
+    state_of(model).merged = [
+        p for p in paths if is_adapted(adapted[p])
+        and any(a.merged for a in adapted[p]._peft_adapters.values())]
     return model
