@@ -134,8 +134,8 @@ __all__ += [
 # Named adapters: several on one base (docs/adapters.md, "Several adapters on one base").
 from keras_peft.adapters.lifecycle import (  # noqa: E402
     AdapterInfo,
-    add_weighted_adapter,
     adapters,
+    add_weighted_adapter,
     delete_adapter,
     disable_adapters,
     set_adapter,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import warnings
 
-from keras_peft.adapters.lifecycle import idle_adapter_variables
+from keras_peft.adapters.layer import idle_adapter_variables
 from keras_peft.rules import (
     Decision,
     FrozenLayerError,

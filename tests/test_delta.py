@@ -50,8 +50,9 @@ def test_lora_delta_round_trip_restores_predictions_rules_and_flags(tmp_path):
     assert keys == trained  # only the adapters and the head, by path
     assert meta["format"] == "keras_peft.delta" and meta["version"] == 2
     assert meta["lora"] == [
-        {"layer": f"mlp/block_{i}", "rank": 2, "alpha": 4.0, "variant": "lora", "rslora": False,
-         "dropout": 0.0, "init": "default", "implementation": "factored"}
+        {"layer": f"mlp/block_{i}", "adapter": "default", "rank": 2, "alpha": 4.0,
+         "variant": "lora", "rslora": False, "dropout": 0.0, "init": "default",
+         "implementation": "factored", "selected": True, "merged": False}
         for i in (0, 1)
     ]
     assert meta["rules"] == {p: r.get_config() for p, r in model.peft_rules.items()}

@@ -37,8 +37,10 @@ from keras_peft.adapters.config import AdapterConfig
 from keras_peft.adapters.kinds import KINDS, UnsupportedLayerError
 
 __all__ = [
-    "DEFAULT_ADAPTER", "TRAINED_KEYS", "Adapter", "AdaptedLayer", "AdapterSelectionError", "adapter_shapes",
-    "adapter_variables", "check_adapter", "check_adapter_name", "is_adapted", "pissa_factors",
+    "DEFAULT_ADAPTER", "TRAINED_KEYS", "Adapter", "AdaptedLayer", "AdapterSelectionError",
+    "adapted_layers", "adapter_shapes",
+    "adapter_variables", "check_adapter", "check_adapter_name", "idle_adapter_variables",
+    "is_adapted", "pissa_factors",
     "variable_name", "variable_specs",
 ]
 
@@ -352,7 +354,28 @@ def check_selection(layer_adapters: dict, names) -> None:
     chosen = [layer_adapters[n] for n in names if n in layer_adapters]
     dora = [a.name for a in chosen if a.config.variant == "dora"]
     if dora and len(chosen) > 1:
+        others = [a.name for a in chosen if a.name != dora[0]]
         raise AdapterSelectionError(
             f"A DoRA adapter ({dora[0]!r}) rescales each output column by its own magnitude, "
-            f"so it computes alone; select it without {[a.name for a in chosen if a.name != dora[0]]}. "
+            f"so it computes alone; select it without {others}. "
             f"Received: adapters={list(names)!r}.")
+
+
+def adapted_layers(backend, model) -> dict:
+    """`{layer path: layer}` of the layers of `model` with keras-peft adapters."""
+    return {p: layer for p, layer in backend.lora_layer_paths(model).items() if is_adapted(layer)}
+
+
+def idle_adapter_variables(backend, model) -> dict[int, str]:
+    """`{id(variable): why}` of the trained variables of adapters that must not train now:
+    not selected, or merged into the base weight (what `apply_policy` freezes)."""
+    idle = {}
+    for layer in adapted_layers(backend, model).values():
+        for a in layer._peft_adapters.values():
+            why = ("merged" if a.merged else
+                   None if a.name in layer._peft_selected else "not selected")
+            if why:
+                for key, v in a.by_key.items():
+                    if key in TRAINED_KEYS:
+                        idle[id(v)] = f"adapter {a.name!r} {why}"
+    return idle

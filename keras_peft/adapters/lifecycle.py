@@ -33,15 +33,20 @@ from keras_peft.adapters.kinds import KINDS
 from keras_peft.adapters.layer import (
     TRAINED_KEYS,
     AdapterSelectionError,
+    adapted_layers,
     check_adapter_name,
     check_selection,
+    idle_adapter_variables,
     is_adapted,
     pissa_factors,
 )
 from keras_peft.backends import require_built
+from keras_peft.policy import apply_policy, sync_optimizer
+from keras_peft.rules import UnmatchedRuleError, resolve
+from keras_peft.state import peek
 
 __all__ = ["AdapterInfo", "add_weighted_adapter", "adapters", "delete_adapter",
-           "disable_adapters", "idle_adapter_variables", "select_adapters", "set_adapter"]
+           "disable_adapters", "select_adapters", "set_adapter"]
 
 METHODS = ("linear", "cat", "svd")
 
@@ -75,10 +80,6 @@ class AdapterInfo:
                 f"{self.parameters:,} params, {state}")
 
 
-def _adapted(backend, model) -> dict:
-    return {p: layer for p, layer in backend.lora_layer_paths(model).items() if is_adapted(layer)}
-
-
 def adapters(model) -> dict[str, AdapterInfo]:
     """`{name: AdapterInfo}` of every keras-peft adapter of `model`, in creation order.
 
@@ -99,7 +100,7 @@ def adapters(model) -> dict[str, AdapterInfo]:
     """
     backend = require_built(model, "adapters", "list the adapters of")
     found: dict[str, dict] = {}
-    for path, layer in _adapted(backend, model).items():
+    for path, layer in adapted_layers(backend, model).items():
         for name, a in layer._peft_adapters.items():
             entry = found.setdefault(name, {"layers": [], "configs": {}, "parameters": 0,
                                             "selected": False, "merged": False})
@@ -136,7 +137,7 @@ def _check_known(model, names: list[str], known: dict, what: str = "adapter") ->
 
 def select_adapters(backend, model, names: list[str]) -> None:
     """Makes `names` the selected adapters of every adapted layer (checked first)."""
-    layers = _adapted(backend, model)
+    layers = adapted_layers(backend, model)
     for path, layer in layers.items():
         try:
             check_selection(layer._peft_adapters, names)
@@ -147,35 +148,17 @@ def select_adapters(backend, model, names: list[str]) -> None:
                            tuple(n for n in names if n in layer._peft_adapters))
 
 
-def idle_adapter_variables(backend, model) -> dict[int, str]:
-    """`{id(variable): why}` of the trained variables of adapters that must not train now:
-    not selected, or merged into the base weight (what `apply_policy` freezes)."""
-    idle = {}
-    for layer in _adapted(backend, model).values():
-        for a in layer._peft_adapters.values():
-            why = ("merged" if a.merged else
-                   None if a.name in layer._peft_selected else "not selected")
-            if why:
-                for key, v in a.by_key.items():
-                    if key in TRAINED_KEYS:
-                        idle[id(v)] = f"adapter {a.name!r} {why}"
-    return idle
-
-
 def _apply_trainability(backend, model) -> None:
     """After a change of selection: re-resolves a wrapped model's policy (idle adapters
     freeze) and syncs its optimizer; on an unwrapped Keras 3 model sets the adapters'
     own flags."""
-    from keras_peft.policy import apply_policy, sync_optimizer
-    from keras_peft.state import peek
-
     state = peek(model)
     if state is not None and state.wrapped:
         apply_policy(model, state.rules)
         sync_optimizer(model)
     elif backend.NAME == "keras3":
         idle = idle_adapter_variables(backend, model)
-        for layer in _adapted(backend, model).values():
+        for layer in adapted_layers(backend, model).values():
             for a in layer._peft_adapters.values():
                 for key, v in a.by_key.items():
                     if key in TRAINED_KEYS:
@@ -225,13 +208,13 @@ def set_adapter(model, adapter) -> None:
             f"Adapter {merged_out[0]!r} is merged into the base weights, so it computes "
             "whatever is selected: keras_peft.unmerge(model) first. "
             f"Received: adapter={adapter!r}.")
-    before = {id(layer): layer._peft_selected for layer in _adapted(backend, model).values()}
+    before = {id(layer): layer._peft_selected for layer in adapted_layers(backend, model).values()}
     select_adapters(backend, model, names)
     try:
         _apply_trainability(backend, model)
         _check_trained(backend, model, names)
     except BaseException:
-        for layer in _adapted(backend, model).values():
+        for layer in adapted_layers(backend, model).values():
             object.__setattr__(layer, "_peft_selected", before[id(layer)])
         _apply_trainability(backend, model)
         raise
@@ -239,14 +222,12 @@ def set_adapter(model, adapter) -> None:
 
 def _check_trained(backend, model, names) -> None:
     """On a wrapped model, each selected adapter has a trained variable under the rules."""
-    from keras_peft.state import peek
-
     state = peek(model)
     if state is None or not state.wrapped:
         return
     trained = {id(v) for v in model.trainable_weights}
     for name in names:
-        variables = [v for layer in _adapted(backend, model).values()
+        variables = [v for layer in adapted_layers(backend, model).values()
                      for a in layer._peft_adapters.values() if a.name == name
                      for k, v in a.by_key.items() if k in TRAINED_KEYS]
         if variables and not any(id(v) in trained for v in variables):
@@ -335,10 +316,6 @@ def delete_adapter(model, adapter: str) -> None:
     assert len(model.weights) == 2 + 2 + 2  # block_0 kernel, bias; b's A, B; head
     ```
     """
-    from keras_peft.policy import apply_policy
-    from keras_peft.rules import UnmatchedRuleError, resolve
-    from keras_peft.state import peek
-
     backend = require_built(model, "delete_adapter", "delete an adapter of")
     name = _names(adapter)
     if len(name) != 1:
@@ -350,7 +327,7 @@ def delete_adapter(model, adapter: str) -> None:
         raise ValueError(f"Adapter {name!r} is merged into the base weights: "
                          "keras_peft.unmerge(model) first, then delete it.")
     state = peek(model)
-    for layer in _adapted(backend, model).values():
+    for layer in adapted_layers(backend, model).values():
         if name in layer._peft_adapters:
             backend.remove_adapter_variables(layer, layer._peft_detach(name))
     if state is not None:
@@ -462,7 +439,7 @@ def add_weighted_adapter(model, weights: dict, name: str, method: str = "cat",
             raise ValueError(f"method='linear' adds the factors, so every source needs one "
                              f"rank; these have ranks {sorted(ranks)}. Use method='cat' or "
                              "'svd'.")
-    adapted = _adapted(backend, model)
+    adapted = adapted_layers(backend, model)
     planned = {path: _combine(adapted[path], weights, method, rank)
                for path in layers.pop()}  # computed before any change
     for path, (config, a, b) in planned.items():

@@ -24,6 +24,13 @@ import safetensors.numpy
 from keras_peft._version import __version__
 from keras_peft.adapters.config import AdapterConfig
 from keras_peft.adapters.layer import DEFAULT_ADAPTER, is_adapted, variable_name
+from keras_peft.adapters.lifecycle import (
+    _apply_trainability,
+    _check_known,
+    _names,
+    adapters,
+    select_adapters,
+)
 from keras_peft.backends import common, require_built
 from keras_peft.io import atomic_path
 from keras_peft.model import get_rules, wrap
@@ -155,8 +162,6 @@ def save_delta(model, path, adapter=None) -> None:
         variables = common.in_model_order(
             model, {id(v) for v in backend.delta_variables(model)} | own)
     else:
-        from keras_peft.adapters.lifecycle import _check_known, _names, adapters
-
         names = _names(adapter)
         _check_known(model, names, adapters(model))
         variables = common.in_model_order(model, {
@@ -321,8 +326,9 @@ def _plan_lora(backend, model, record: list, path: str) -> tuple[list, dict]:
         have = backend.adapter_configs(layer)
         if adapter in have:
             if not backend.lora_active(layer) or have[adapter] != config:
+                which = "LoRA" if adapter == DEFAULT_ADAPTER else f"adapter {adapter!r}"
                 problems.append(
-                    f"layer {name!r} already has adapter {adapter!r} "
+                    f"layer {name!r} already has {which} "
                     f"({have[adapter].describe()}, enabled={backend.lora_active(layer)}); "
                     f"the delta has {config.describe()}"
                 )
@@ -514,7 +520,7 @@ def _pissa_initial(name: str, adapter: str, config: AdapterConfig, prefix: str,
 def _only_adapter(backend, header: dict, tensors: dict, record: list, adapter: str):
     """The file's header and tensors cut to adapter `adapter`'s variables (no rules)."""
     keep = set()
-    for name, _, config in record:
+    for name, _, _ in record:
         layer_prefix = f"{name}/" if name else ""
         for kind in ("lora_kernel", "lora_embeddings"):
             keep.update(layer_prefix + variable_name(kind, k, adapter)
@@ -529,8 +535,6 @@ def _only_adapter(backend, header: dict, tensors: dict, record: list, adapter: s
 def _select_loaded(backend, model, header: dict, to_enable: list) -> None:
     """Selects the adapters the file had selected (all of its adapters when it says
     nothing, as files of keras-peft 0.x); the adapters of one-adapter loads alone."""
-    from keras_peft.adapters.lifecycle import select_adapters
-
     entries = header.get("lora") or []
     named = {e.get("adapter", DEFAULT_ADAPTER) for e in entries}
     if not named or not any(is_adapted(layer) for layer, *_ in to_enable):
@@ -565,8 +569,6 @@ def _apply(backend, model, header: dict, tensors: dict, to_enable: list) -> None
         if header.get("rules"):
             wrap(model, header["rules"])
         elif to_enable:
-            from keras_peft.adapters.lifecycle import _apply_trainability
-
             _apply_trainability(backend, model)
     except BaseException:
         for v, value in values:

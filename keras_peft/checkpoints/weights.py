@@ -41,8 +41,8 @@ import weakref
 import keras
 import numpy as np
 
-from keras_peft.adaptive.monitor import GradientMonitor
 from keras_peft.adapters.layer import is_adapted
+from keras_peft.adaptive.monitor import GradientMonitor
 from keras_peft.backends import keras3
 from keras_peft.policy import apply_policy, fit_rules_to_model, sync_optimizer
 from keras_peft.state import state_of

@@ -29,7 +29,13 @@ from keras import ops
 
 from keras_peft.adapters.config import AdapterConfig
 from keras_peft.adapters.layer import DEFAULT_ADAPTER, TRAINED_KEYS, check_adapter_name, is_adapted
-from keras_peft.adapters.lifecycle import select_adapters
+from keras_peft.adapters.lifecycle import (
+    _apply_trainability,
+    _check_known,
+    _names,
+    adapters,
+    select_adapters,
+)
 from keras_peft.backends import backend_for, keras3, require_built
 from keras_peft.rules import FrozenLayerError, PolicyError, Rule, widened_pattern
 from keras_peft.state import state_of
@@ -120,7 +126,8 @@ def _pattern(intended: list[str], all_paths: list[str]) -> str:
         re.sub(r"\d+", r"\\d+", re.escape(p.rsplit("/", 1)[0])) for p in intended
     )
     leaf_names = dict.fromkeys(p.rsplit("/", 1)[1] for p in intended)
-    for leaves in (dict.fromkeys(re.sub(r"_[ab]$", "_[ab]", n) for n in leaf_names),
+    ab = re.compile(r"_[ab]((?:__\w+)?)$")  # A and B of one adapter: `_[ab]`, `_[ab]__name`
+    for leaves in (dict.fromkeys(ab.sub(r"_[ab]\1", n) for n in leaf_names),
                    leaf_names):
         pattern = f"{_alternatives(parents)}/{_alternatives(leaves)}"
         regex = re.compile(pattern)
@@ -264,6 +271,7 @@ def lora(
         backend.enable_lora(layer, config, adapter=adapter)
     if implementation == "factored":
         select_adapters(backend, model, [adapter])
+        _apply_trainability(backend, model)
     backend.reset_compiled_functions(model)
     state_of(model, backend).add_lora(
         {**config.to_dict(), "adapter": adapter, "targets": targets, "layers": list(matched)})
@@ -470,8 +478,6 @@ def _merged_names(backend, model) -> set:
 
 def _merge_names(backend, model, adapter, *, merged: bool) -> list[str]:
     """The adapter names given to merge/unmerge, checked against the model's adapters."""
-    from keras_peft.adapters.lifecycle import _check_known, _names, adapters
-
     names = _names(adapter)
     known = adapters(model)
     _check_known(model, names, known)
@@ -508,8 +514,6 @@ def _fold(backend, model, layers: dict, *, merge: bool, names=None) -> None:
         base.assign(value)
         keras3.set_lora_enabled(layer, not merge)
     backend.reset_compiled_functions(model)
-    from keras_peft.adapters.lifecycle import _apply_trainability
-
     _apply_trainability(backend, model)  # merged adapters do not train
 
 
