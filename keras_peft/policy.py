@@ -24,7 +24,7 @@ from keras_peft.rules import (
 )
 from keras_peft.state import state_of
 
-__all__ = ["apply_policy", "sync_optimizer", "fit_rules_to_model"]
+__all__ = ["apply_policy", "freeze_idle_adapters", "sync_optimizer", "fit_rules_to_model"]
 
 
 def apply_policy(model, rules) -> None:
@@ -39,7 +39,7 @@ def apply_policy(model, rules) -> None:
     backend = state.backend
     rules = normalize_rules(rules)
     weights = model.weights
-    plan = _idle_adapters_frozen(resolve(backend.variable_paths(model), rules),
+    plan = freeze_idle_adapters(resolve(backend.variable_paths(model), rules),
                                  weights, idle_adapter_variables(backend, model))
     capable = backend.trainable_capable(model)
     hidden = backend.hidden_by_layers(model)
@@ -63,7 +63,7 @@ def apply_policy(model, rules) -> None:
     state.set_policy(rules, plan, frozen, scales_by_id)
 
 
-def _idle_adapters_frozen(plan: Plan, weights, idle: dict) -> Plan:
+def freeze_idle_adapters(plan: Plan, weights, idle: dict) -> Plan:
     """`plan` with the variables of adapters that are not selected (or are merged) frozen,
     whatever the rules said: the selection decides which adapter trains."""
     if not idle:

@@ -8,7 +8,10 @@ from collections.abc import Mapping
 
 import keras
 
+from keras_peft.adapters.layer import idle_adapter_variables
+from keras_peft.adapters.lifecycle import adapters
 from keras_peft.backends import require_built
+from keras_peft.policy import freeze_idle_adapters
 from keras_peft.rules import Rule, resolve
 from keras_peft.state import peek
 
@@ -116,6 +119,8 @@ class Report:
     trainable_params: int
     decisions: tuple[dict, ...] = ()
     """The adaptive callbacks' decisions on the model (`keras_peft.decisions`), in step order."""
+    adapters: tuple = ()
+    """The model's keras-peft adapters (`keras_peft.AdapterInfo`), in creation order."""
 
     @property
     def trainable_fraction(self) -> float:
@@ -169,6 +174,9 @@ class Report:
         out = [line(header), line(["-" * w for w in widths])]
         out += [line(row) for row in body]
         out += [line(["-" * w for w in widths]), self.summary()]
+        if self.adapters:
+            out.append(f"adapters: {len(self.adapters)}")
+            out += [_shorten(f"  {a.name}: {a.describe()}", width) for a in self.adapters]
         if self.decisions:
             shown = self.decisions[-_DECISIONS_SHOWN:]
             out.append(f"adaptive decisions: {len(self.decisions)}"
@@ -219,7 +227,7 @@ def report(model: keras.Model, rules: Mapping[str, Rule] | None = None) -> Repor
     state = peek(model)
     history = () if state is None else tuple(state.decisions())
     return Report(rows, sum(r.params for r in rows), sum(r.trainable_params for r in rows),
-                  history)
+                  history, tuple(adapters(model).values()))
 
 
 def _decide(backend, model, rules, path_of, held) -> tuple[dict, set[int], set[int]]:
@@ -232,7 +240,9 @@ def _decide(backend, model, rules, path_of, held) -> tuple[dict, set[int], set[i
     if rules is None:
         plan = getattr(peek(model), "plan", None)
         return (plan.by_path() if plan is not None else {}), trainable, set()
-    decisions = resolve([path_of[id(v)] for v in model.weights], rules).by_path()
+    decisions = freeze_idle_adapters(
+        resolve([path_of[id(v)] for v in model.weights], rules), model.weights,
+        idle_adapter_variables(backend, model)).by_path()
     capable = backend.trainable_capable(model)
     trained, refused = set(), set()
     for v in model.weights:

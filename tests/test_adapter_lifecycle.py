@@ -353,3 +353,16 @@ def test_tf_keras_named_adapters_switch_and_train_the_selected_one():
     model.fit(x, y, epochs=1, batch_size=8, verbose=0)  # "b" selected
     np.testing.assert_array_equal(np.asarray(layer.lora_kernel_b__a), a_before)
     assert not np.allclose(np.asarray(layer.lora_kernel_b__b), b_before)
+
+
+def test_report_lists_each_adapter_and_a_preview_freezes_the_unselected_one():
+    model, _, rules_b = two_adapters()
+    text = str(keras_peft.report(model, rules_b))
+    assert "adapters: 2" in text
+    assert "  a: lora r=2 scale=1 on 2 layer(s), 56 params, not selected" in text
+    assert "  b: lora r=2 scale=1 on 2 layer(s), 56 params, selected" in text
+    preview = keras_peft.report(model, rules_b)
+    # dry run: a's variables match the lora rule but stay frozen, as wrap would do
+    assert preview.trainable_params == 56 + 9
+    keras_peft.wrap(model, rules_b)
+    assert keras_peft.report(model).trainable_params == 56 + 9
