@@ -366,3 +366,56 @@ def test_report_lists_each_adapter_and_a_preview_freezes_the_unselected_one():
     assert preview.trainable_params == 56 + 9
     keras_peft.wrap(model, rules_b)
     assert keras_peft.report(model).trainable_params == 56 + 9
+
+
+def tiny_gpt2(seed=0):
+    """A keras-hub `GPT2CausalLM` from a tiny random config and an in-memory vocabulary."""
+    import keras_hub
+
+    chars = ["<|endoftext|>", "Ġ", "a", "i", "r", "p", "l", "n", "e", "t", "o", "ai", "air"]
+    tokenizer = keras_hub.models.GPT2Tokenizer(
+        vocabulary={c: i for i, c in enumerate(chars)}, merges=["a i", "ai r"])
+    preprocessor = keras_hub.models.GPT2CausalLMPreprocessor(tokenizer=tokenizer,
+                                                             sequence_length=8)
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=len(chars), num_layers=2, num_heads=2, hidden_dim=8,
+        intermediate_dim=16, max_sequence_length=8)
+    return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=preprocessor)
+
+
+def test_causal_lm_trains_switches_generates_and_reloads_two_adapters(tmp_path):
+    lm = tiny_gpt2()
+    texts = {"one": ["airplane at airport", "air plane"], "two": ["tent on a rail", "pole"]}
+    tokens = lm.preprocessor.generate_preprocess(["airplane at"])
+    batch = {k: np.asarray(v) for k, v in tokens.items()}
+    logits = {}
+    for name, strings in texts.items():
+        rules = keras_peft.lora(lm, rank=2, targets="all-linear", adapter=name)
+        keras_peft.wrap(lm, rules)
+        lm.compile(optimizer=keras.optimizers.Adam(5e-2),
+                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                   sampler="greedy")
+        before = snapshot(lm)
+        lm.fit(strings, epochs=2, batch_size=2, verbose=0)
+        moved = {p for p in changed(before, lm)}
+        assert moved and all(p.endswith(f"__{name}") or p.startswith("layer_norm/")
+                             for p in moved), sorted(moved)[:5]
+        keras_peft.save_delta(lm, tmp_path / f"{name}.safetensors", adapter=name)
+    assert len(keras_peft.adapters(lm)["one"].layers) == 12  # every Dense/EinsumDense in blocks
+    for name in texts:
+        keras_peft.set_adapter(lm, name)
+        logits[name] = np.asarray(lm.backbone(batch) @ np.asarray(
+            lm.backbone.token_embedding.embeddings).T)
+        assert isinstance(lm.generate(["airplane"], max_length=8)[0], str)
+    assert not np.allclose(logits["one"], logits["two"], atol=1e-4)
+    fresh = tiny_gpt2()
+    fresh.backbone.get_layer("layer_norm").set_weights(
+        lm.backbone.get_layer("layer_norm").get_weights())  # the head trained outside adapters
+    for name in texts:
+        keras_peft.load_delta(fresh, tmp_path / f"{name}.safetensors")
+    for name in texts:
+        keras_peft.set_adapter(fresh, name)
+        got = np.asarray(fresh.backbone(batch) @ np.asarray(
+            fresh.backbone.token_embedding.embeddings).T)
+        np.testing.assert_allclose(got, logits[name], atol=1e-5)
