@@ -56,6 +56,9 @@ class ModelState:
         backup_hooks: `hook(epoch, batch, logs)` of the adaptive callbacks running
             now (`batch` None at an epoch's end), which `BackupAndRestore` calls
             before it writes a backup; not saved.
+        traced_predict: `{adapter selection: predict function}` kept by
+            `set_adapter`, so that switching back to a selection does not trace
+            again; emptied by every other change of the adapters.
     """
 
     backend: ModuleType
@@ -74,6 +77,7 @@ class ModelState:
     monitor: object | None = None
     adaptive: dict = dataclasses.field(default_factory=dict)
     backup_hooks: list = dataclasses.field(default_factory=list)
+    traced_predict: dict = dataclasses.field(default_factory=dict)
 
     @property
     def wrapped(self) -> bool:

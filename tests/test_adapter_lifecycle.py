@@ -106,6 +106,26 @@ def test_several_selected_adapters_add_up_and_the_output_switches_with_the_selec
         np.testing.assert_allclose(np.asarray(layer(x)), expected, atol=1e-5)
 
 
+def test_switching_back_reuses_the_traced_predict_function_and_predicts_right():
+    model, _, rules_b = two_adapters()
+    keras_peft.wrap(model, rules_b)
+    nonzero(model, {"a", "b"})
+    x = data(4)[0]
+    out_b, traced_b = model.predict(x, verbose=0), model.predict_function
+    keras_peft.set_adapter(model, "a")
+    assert model.predict_function is None  # a selection not traced yet
+    out_a = model.predict(x, verbose=0)
+    keras_peft.set_adapter(model, "b")
+    assert model.predict_function is traced_b
+    np.testing.assert_array_equal(model.predict(x, verbose=0), out_b)
+    keras_peft.set_adapter(model, "a")
+    np.testing.assert_array_equal(model.predict(x, verbose=0), out_a)
+    keras_peft.merge(model)  # any other change forgets them
+    keras_peft.unmerge(model)
+    keras_peft.set_adapter(model, "b")
+    assert model.predict_function is None
+
+
 def test_set_adapter_guards():
     model, _, _ = two_adapters()
     with pytest.raises(ValueError, match=r"no adapter named 'c'; its adapters: \['a', 'b'\]"):

@@ -48,3 +48,16 @@ def test_delta_is_under_two_percent_of_full_weights(minilm_folder, tmp_path, str
     restored = keras_peft.load_delta(_classifier(minilm_folder), str(delta))
     assert keras_peft.report(restored).trainable_params == keras_peft.report(
         model).trainable_params
+
+
+def test_adapter_lifecycle_bench_runs_and_reloads_exactly(minilm_folder, tmp_path):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "adapter_lifecycle.py")
+    spec = importlib.util.spec_from_file_location("adapter_lifecycle", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--repeats", "2", "--sequence-length", "16", "--out", str(tmp_path)])
+    assert result["reloaded_max_abs_difference"] == 0.0 and result["outputs_differ"]
+    assert all(r < 0.02 for r in result["delta_over_base"].values())
+    assert os.path.exists(tmp_path / "results.json")
