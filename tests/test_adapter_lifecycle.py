@@ -148,6 +148,17 @@ def test_rules_made_before_an_adapter_existed_refuse_to_select_it_untrained():
     assert keras_peft.adapters(model)["a"].selected  # put back
 
 
+def test_train_head_false_leaves_everything_outside_the_adapter_frozen():
+    model = mlp()
+    rules = keras_peft.lora(model, rank=2, targets=r".*(block_\d|head)", adapter="t",
+                            train_head=False)
+    assert "head" not in [r.note for r in rules.values()]
+    keras_peft.wrap(model, rules)
+    assert all(v.path.endswith("__t") for v in model.trainable_weights)
+    with pytest.raises(ValueError, match="`train_head` must be True or False"):
+        keras_peft.lora(mlp(), rank=2, targets=r".*block_0", train_head="no")
+
+
 def test_lora_adapter_name_guards():
     model = mlp()
     with pytest.raises(ValueError, match="An adapter name must be"):

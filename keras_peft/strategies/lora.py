@@ -156,6 +156,7 @@ def lora(
     loraplus_ratio: float | None = None,
     implementation: str = "factored",
     adapter: str = DEFAULT_ADAPTER,
+    train_head: bool = True,
     block_names=None,
     rest: Rule | None = FROZEN,
 ) -> dict:
@@ -172,8 +173,8 @@ def lora(
     The returned rules, in order: the adapters train (note `"lora"`; with
     `loraplus_ratio`, B at that multiple of the learning rate); the adapted
     layers' base weights are frozen; the head (see `keras_peft.model_blocks`)
-    trains; `rest` decides everything else. Pass them to `keras_peft.wrap`,
-    or `combine` them first.
+    trains, unless `train_head=False`; `rest` decides everything else. Pass
+    them to `keras_peft.wrap`, or `combine` them first.
 
     Args:
         model: a built Keras 3 or tf.keras model.
@@ -207,6 +208,10 @@ def lora(
             switched off: `keras_peft.set_adapter` switches between them).
             `"default"` keeps the variable names `lora_kernel_a` etc.; another
             name `n` gives `lora_kernel_a__n`.
+        train_head: whether the rules train the head (its weights that no
+            adapter covers). False when each task's adapter covers the head
+            (`targets` includes it), so that everything a task changes is in
+            its adapter, and in its `save_delta(..., adapter=...)` file.
         block_names: ordered block names, when `model_blocks` cannot infer
             the head (or, with `"all-linear"`, the blocks).
         rest: the rule for every other variable (default frozen), or None to
@@ -258,6 +263,9 @@ def lora(
             f"Received: adapter={adapter!r}.")
     ratio = _check_ratio(loraplus_ratio)
     regex = _check_targets(targets)
+    if not isinstance(train_head, bool):
+        raise ValueError(
+            f"`train_head` must be True or False. Received: train_head={train_head!r}.")
     if rest is not None and not isinstance(rest, Rule):
         raise ValueError(f"`rest` must be a keras_peft.Rule or None. Received: rest={rest!r}.")
     backend = require_built(model, "lora", "add LoRA to")
@@ -275,7 +283,7 @@ def lora(
     backend.reset_compiled_functions(model)
     state_of(model, backend).add_lora(
         {**config.to_dict(), "adapter": adapter, "targets": targets, "layers": list(matched)})
-    return _lora_rules(backend, model, matched, head, rest, ratio)
+    return _lora_rules(backend, model, matched, head if train_head else None, rest, ratio)
 
 
 def _all_linear(backend, model, block_names) -> list[str]:
@@ -366,7 +374,7 @@ def _lora_rules(backend, model, matched: dict, head, rest, ratio) -> dict:
             note=ADAPTER_NOTE)
     rules[_pattern(bases, paths)] = Rule(trainable=False, note="lora base")
     capable = backend.trainable_capable(model)
-    head_paths = set(head.paths)
+    head_paths = set(head.paths) if head is not None else set()
     if any(id(v) in capable for v in model.weights if path_of[id(v)] in head_paths):
         _add(rules, head, Rule(note="head"))  # not a head of state only (a TFRS task)
     return _finish(rules, rest)
