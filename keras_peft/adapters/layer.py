@@ -247,6 +247,12 @@ class AdaptedLayer:
     def _peft_weight(self):
         return getattr(self, self._peft_base_name)
 
+    def _peft_weight_value(self):
+        """The base weight as a float tensor: the variable itself, or, on a layer Keras
+        quantized, its integer kernel dequantized (`_peft_dequantize`, set by the backend)."""
+        dequantize = self.__dict__.get("_peft_dequantize")
+        return dequantize(self) if dequantize is not None else self._peft_weight
+
     def _peft_computing(self) -> list[Adapter]:
         """The adapters the forward pass adds: selected, not merged, not disabled."""
         if not self._peft_enabled:
@@ -268,7 +274,7 @@ class AdaptedLayer:
         float32 matrix."""
         adapters = self._peft_computing() if adapters is None else adapters
         w = self._peft_spec.to_matrix(
-            self, tf.cast(tf.convert_to_tensor(self._peft_weight), tf.float32))
+            self, tf.cast(tf.convert_to_tensor(self._peft_weight_value()), tf.float32))
         return w + self._peft_delta_matrix(adapters) if adapters else w
 
     def effective_weight(self, adapters=None):
@@ -295,7 +301,7 @@ class AdaptedLayer:
         if not adapters:  # merged, disabled or none selected: the plain layer
             return super().call(inputs, *args, **kwargs)
         spec = self._peft_spec
-        y = spec.linear(self, inputs, self._peft_weight)
+        y = spec.linear(self, inputs, self._peft_weight_value())
         for adapter in adapters:
             x = inputs
             if adapter.dropout is not None:

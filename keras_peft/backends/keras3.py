@@ -252,9 +252,15 @@ def lora_blocker(layer, config: AdapterConfig | None = None) -> str | None:
     mode = getattr(layer, "quantization_mode", None)
     keras_lora = config is not None and config.implementation == "keras"
     if mode and not keras_lora:
-        return (f"it is quantized to {mode!r}; keras-peft's factored adapters need a float "
-                "layer: pass implementation='keras' (Keras' LoRA works on int8 layers)")
-    if mode not in (None, "int8"):
+        kind = adapter_kind(layer)
+        if mode != "int8" or kind not in ("dense", "einsum"):
+            return (f"it is quantized to {mode!r}; keras-peft's adapters take int8 Dense and "
+                    "EinsumDense layers: pass implementation='keras' (Keras' LoRA works on "
+                    "int8 and int4 layers)")
+        if config is not None and config.init == "pissa":
+            return ("it is quantized to 'int8', and init='pissa' would write a float residual "
+                    "into its integer kernel: use init='default', or PiSSA before quantizing")
+    if mode not in (None, "int8", "int4") or (mode == "int4" and not keras_lora):
         return f"it is quantized to {mode!r} (keras_peft supports LoRA on float and int8 layers)"
     if not keras_lora:
         try:
@@ -277,6 +283,20 @@ _CLASS_KEY = "keras_peft_class"
 
 class _SavedAdapter(AdaptedLayer):
     """The Keras 3 saving half of an adapted layer."""
+
+    def quantized_call(self, *args, **kwargs):
+        """Keras calls a quantized layer through this, not `call`: with adapters computing,
+        keras-peft's `call` (dequantized kernel plus adapters) runs instead."""
+        if not self._peft_computing():
+            return super().quantized_call(*args, **kwargs)
+        return AdaptedLayer.call(self, *args, **kwargs)
+
+    def _peft_refuse_quantize(self, mode=None, *args, **kwargs):
+        """Put in place of the layer's `quantize` (Keras binds it per instance at creation)."""
+        raise ValueError(
+            f"Layer {self.name!r} has keras-peft adapters, and quantizing it now would "
+            "change the weight they were added to. Quantize first (model.quantize(...)), "
+            f"then add the adapters with keras_peft.lora. Received: mode={mode!r}.")
 
     def get_config(self):
         plain = self._peft_plain_class
@@ -671,11 +691,27 @@ def enable_lora(layer, config: AdapterConfig, *, initial=None,
         if config.dropout:
             dropout = keras.layers.Dropout(config.dropout, name=f"lora_dropout{suffix}")
             setattr(layer, f"lora_dropout{suffix}", dropout)
+        if getattr(layer, "quantization_mode", None) == "int8":
+            object.__setattr__(layer, "_peft_dequantize", dequantized_kernel)
+        object.__setattr__(layer, "quantize", layer._peft_refuse_quantize)
         layer._peft_attach(config, adapter_kind(layer), name, _adder(layer), dropout,
                            initial, adapter)
         getattr(layer, name).trainable = False  # as enable_lora: plain `fit` trains the adapter
     finally:
         layer._tracker.lock()
+
+
+def dequantized_kernel(layer):
+    """An int8 layer's kernel in float (`kernel / scale`), as Keras' int8 gradient uses it.
+
+    QLoRA-style: the kernel stays int8 in memory and is dequantized where it
+    is used. `EinsumDense` keeps its scale in a reduced layout, which its
+    private `_adjust_scale_for_dequant` broadcasts back to the kernel's.
+    """
+    scale = layer.kernel_scale
+    if isinstance(layer, keras.layers.EinsumDense):
+        scale = layer._adjust_scale_for_dequant(scale)
+    return keras.ops.divide(keras.ops.cast(layer._kernel, layer.compute_dtype), scale)
 
 
 def _adder(layer):
