@@ -63,6 +63,7 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -483,9 +484,13 @@ def _fresh_classifier(args, data: TextData, preset: str, pooling: str, pooling_r
     model = build_classifier(preset, data.num_classes, pooling=pooling,
                              sequence_length=args.sequence_length, dropout=args.dropout)
     sequence_length = int(model.preprocessor.sequence_length)
+    if args.quantize:  # the pretrained backbone only: the new head trains in float
+        with warnings.catch_warnings():  # one per layer Keras does not quantize (norms...)
+            warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
+            model.backbone.quantize(args.quantize)
     print(f"model: {type(model).__name__} on {args.preset}, pooling {pooling} ({pooling_reason}), "
-          f"sequence length {sequence_length} (preprocessor), {data.num_classes} classes",
-          flush=True)
+          f"sequence length {sequence_length} (preprocessor), {data.num_classes} classes"
+          + (f", backbone quantized to {args.quantize}" if args.quantize else ""), flush=True)
     return model, sequence_length
 
 
@@ -711,6 +716,9 @@ def _add_training_options(p) -> None:
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout before the logits")
     p.add_argument("--sequence-length", type=int, default=64)
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="quantize the pretrained backbone (Keras' model.quantize) before the "
+                        "strategy: LoRA then trains float adapters on int8 kernels (QLoRA-style)")
     p.add_argument("--max-examples", type=int, default=None, help="cap on training examples")
     p.add_argument("--max-validation-examples", type=int, default=None,
                    help="cap on validation examples")
@@ -806,6 +814,7 @@ def _settings(args, data: TextData, pooling: str, mixed: bool, device: dict) -> 
         "warmup": args.warmup, "weight_decay": args.weight_decay, "seed": args.seed,
         "learning_rate": args.learning_rate, "sequence_length": args.sequence_length,
         "dropout": args.dropout, "pooling": pooling, "skip_nonfinite": args.skip_nonfinite,
+        **({"quantize": args.quantize} if args.quantize else {}),
         "mixed_precision": mixed, "xla": args.xla, "device": device,
         "versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
                      "keras": keras.__version__, "keras_peft": keras_peft.__version__},

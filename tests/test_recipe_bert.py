@@ -366,6 +366,21 @@ def test_adaptive_strategies_record_their_decisions_and_epochs(tiny_preset, sent
     assert lisa["trainable_params_end"] < lisa["trainable_params"]
 
 
+def test_quantize_int8_trains_float_adapters_on_int8_kernels(tiny_preset, sentiment_file,
+                                                             tmp_path):
+    out = str(tmp_path / "out")
+    result = recipe.main([
+        "--preset", tiny_preset, "--data", sentiment_file, "--strategy", "lora:2:all-linear",
+        "--pooling", "mean", "--sequence-length", "12", "--batch-size", "8", "--no-xla",
+        "--output-dir", out, "--verbose", "0", "--quantize", "int8"])
+    assert result["settings"]["quantize"] == "int8"
+    import safetensors
+
+    with safetensors.safe_open(result["delta_path"], "np") as f:
+        saved = list(f.keys())
+    assert saved and all("lora_kernel" in k or k.startswith("logits/") for k in saved), saved
+
+
 def test_backup_every_needs_resume(sentiment_file):
     with pytest.raises(SystemExit):
         recipe.parse_args(["--backup-every", "5"])
