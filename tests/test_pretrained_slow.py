@@ -61,3 +61,18 @@ def test_adapter_lifecycle_bench_runs_and_reloads_exactly(minilm_folder, tmp_pat
     assert result["reloaded_max_abs_difference"] == 0.0 and result["outputs_differ"]
     assert all(r < 0.02 for r in result["delta_over_base"].values())
     assert os.path.exists(tmp_path / "results.json")
+
+
+def test_quantized_base_bench_runs_and_int8_weights_are_smaller(minilm_folder, tmp_path):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "quantized_base.py")
+    spec = importlib.util.spec_from_file_location("quantized_base", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--steps", "1", "--batch-size", "2", "--sequence-length", "8",
+                         "--out", str(tmp_path)])
+    for key in ("no_xla", "xla"):
+        assert result[key]["int8_over_float32_weights"] < 0.3
+        assert result[key]["int8"]["trainable_params"] == result[key]["float32"][
+            "trainable_params"]

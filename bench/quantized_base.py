@@ -1,0 +1,99 @@
+"""An int8 base against float32 with the same all-linear LoRA, side by side in one run.
+
+Builds the recipe's mean-pooling all-MiniLM-L6-v2 classifier twice (the backbone
+float32, and quantized to int8 with Keras' `quantize`), gives both all-linear LoRA
+rank 8, and measures, alternating the two models step by step so that both see the
+same machine: the train step time (XLA off and on), and the bytes the weights take
+(every variable's size). Accuracy is measured by `bench/adapters_sst2.py --quantize int8`.
+
+    python bench/quantized_base.py          # ~3 minutes on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "recipes"))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from _pretrained import minilm_path  # noqa: E402  (recipes/)
+from _text_classifier import build_classifier  # noqa: E402  (recipes/)
+
+import keras_peft  # noqa: E402
+
+
+def build(quantize: bool, sequence_length: int, jit: bool):
+    keras.utils.set_random_seed(0)
+    model = build_classifier(minilm_path(), 2, pooling="mean", sequence_length=sequence_length,
+                             dropout=0.0, preprocessor=False)
+    if quantize:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
+            model.backbone.quantize("int8")
+    keras_peft.wrap(model, keras_peft.lora(model, rank=8, targets="all-linear"))
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3), jit_compile=jit,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def weight_bytes(model) -> int:
+    return int(sum(np.prod(v.shape) * tf.as_dtype(v.dtype).size for v in model.weights))
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--sequence-length", type=int, default=64)
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "quantized_base"))
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(0)
+    n, length = args.batch_size, args.sequence_length
+    x = {"token_ids": rng.integers(1000, 5000, (n, length)).astype("int32"),
+         "padding_mask": np.ones((n, length), "bool"),
+         "segment_ids": np.zeros((n, length), "int32")}
+    y = rng.integers(0, 2, n).astype("int32")
+    result = {"model": "all-MiniLM-L6-v2, mean pooling, all-linear LoRA r=8",
+              "batch_size": n, "sequence_length": length, "steps": args.steps}
+    for jit in (False, True):
+        models = {"float32": build(False, length, jit), "int8": build(True, length, jit)}
+        names = {t.name.split(":")[0] for t in models["float32"].inputs}
+        batch = {k: v for k, v in x.items() if k in names}
+        times = {k: [] for k in models}
+        for model in models.values():  # trace and warm up
+            model.train_on_batch(batch, y)
+        for _ in range(args.steps):
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                model.train_on_batch(batch, y)
+                times[name].append(time.perf_counter() - t0)
+        key = "xla" if jit else "no_xla"
+        result[key] = {
+            name: {"step_s_median": round(statistics.median(t), 4),
+                   "weight_bytes": weight_bytes(models[name]),
+                   "trainable_params": keras_peft.report(models[name]).trainable_params}
+            for name, t in times.items()}
+        result[key]["int8_over_float32_step"] = round(
+            result[key]["int8"]["step_s_median"] / result[key]["float32"]["step_s_median"], 3)
+        result[key]["int8_over_float32_weights"] = round(
+            result[key]["int8"]["weight_bytes"] / result[key]["float32"]["weight_bytes"], 3)
+        del models
+        keras.backend.clear_session()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
