@@ -450,3 +450,19 @@ def test_causal_lm_trains_switches_generates_and_reloads_two_adapters(tmp_path):
         got = np.asarray(fresh.backbone(batch) @ np.asarray(
             fresh.backbone.token_embedding.embeddings).T)
         np.testing.assert_allclose(got, logits[name], atol=1e-5)
+
+
+def test_weights_file_restores_the_adapters_values_and_selection(tmp_path):
+    model, _, rules_b = two_adapters()
+    keras_peft.wrap(model, rules_b)
+    nonzero(model, {"a", "b"})
+    keras_peft.set_adapter(model, "a")
+    x = data(4)[0]
+    expected = model.predict(x, verbose=0)
+    path = str(tmp_path / "w.weights.h5")
+    model.save_weights(path)
+    other, _, rules = two_adapters(model_fn=lambda: mlp(seed=1))
+    keras_peft.wrap(other, rules)  # selects "b"
+    other.load_weights(path)
+    assert [i.selected for i in keras_peft.adapters(other).values()] == [True, False]
+    np.testing.assert_allclose(other.predict(x, verbose=0), expected, atol=1e-6)
