@@ -201,11 +201,19 @@ class LoraSpec:
                 "implementation": "keras" if self.keras else "factored",
                 "targets": "all-linear" if self.all_linear else targets}
 
-    def rules(self, model, targets: str) -> dict:
-        """Adds the adapters to `model`; the rules, with biases/norms trained if asked."""
+    def rules(self, model, targets: str, *, adapter: str | None = None,
+              head: str | None = None) -> dict:
+        """Adds the adapters to `model`; the rules, with biases/norms trained if asked.
+
+        With `adapter`, one adapter of that name that also covers the `head` layers
+        (a pattern), which do not train outside it: all the task changes is the adapter.
+        """
         import keras_peft  # here, not at the top: this module stays light
 
-        adapters = keras_peft.lora(model, rest=None, **self.lora_kwargs(targets))
+        kwargs = self.lora_kwargs(targets)
+        if adapter is not None:
+            kwargs.update(adapter=adapter, train_head=False, targets=[kwargs["targets"], head])
+        adapters = keras_peft.lora(model, rest=None, **kwargs)
         extra = []
         if self.bias:
             extra.append(keras_peft.bitfit(model, rest=None))

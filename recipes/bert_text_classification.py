@@ -73,6 +73,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 import _common  # noqa: E402
+import _task_adapters  # noqa: E402
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from _plot_labels import place_labels  # noqa: E402
@@ -174,8 +175,9 @@ def _loss():
 
 
 def strategy_rules(strategy: Strategy, model, train_ds, *, pooling: str, total_steps: int,
-                   verbose: int = 1):
-    """The rules (and callbacks) for `strategy` on `model`; `lora` adds adapters to `model`.
+                   verbose: int = 1, adapter: str | None = None):
+    """The rules (and callbacks) for `strategy` on `model`; `lora` adds adapters to `model`
+    (with `adapter`, one of that name that also covers the head, which stays frozen).
 
     Returns `(rules, callbacks, info)`, `info` being extra facts for the results.
     """
@@ -190,8 +192,9 @@ def strategy_rules(strategy: Strategy, model, train_ds, *, pooling: str, total_s
     elif name == "bitfit":
         rules = keras_peft.bitfit(model)
     elif name in _common.LORA_NAMES:
-        rules = arg.rules(model, r".*(query|value)")
-        info["lora_targets"] = "all-linear" if arg.all_linear else "query, value"
+        rules = arg.rules(model, r".*(query|value)", adapter=adapter, head=_task_adapters.HEAD)
+        info["lora_targets"] = ("all-linear" if arg.all_linear else "query, value") + (
+            ", logits" if adapter else "")
         info["adapter"] = arg.describe()
     elif name == "llrd":
         rules = keras_peft.layerwise_lr_decay(model, arg)
@@ -476,12 +479,12 @@ def _schedule(learning_rate: float, total_steps: int, args):
         warmup_target=learning_rate if warmup else None, warmup_steps=warmup)
 
 
-def _fresh_classifier(args, data: TextData, preset: str, pooling: str, pooling_reason: str):
+def _fresh_classifier(args, num_classes: int, preset: str, pooling: str, pooling_reason: str):
     """A new classifier (fresh session, seeded) and its preprocessor's sequence length."""
     keras.backend.clear_session()  # fresh layer names: the same paths for every strategy
     gc.collect()
     keras.utils.set_random_seed(args.seed)
-    model = build_classifier(preset, data.num_classes, pooling=pooling,
+    model = build_classifier(preset, num_classes, pooling=pooling,
                              sequence_length=args.sequence_length, dropout=args.dropout)
     sequence_length = int(model.preprocessor.sequence_length)
     if args.quantize:  # the pretrained backbone only: the new head trains in float
@@ -489,7 +492,7 @@ def _fresh_classifier(args, data: TextData, preset: str, pooling: str, pooling_r
             warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
             model.backbone.quantize(args.quantize)
     print(f"model: {type(model).__name__} on {args.preset}, pooling {pooling} ({pooling_reason}), "
-          f"sequence length {sequence_length} (preprocessor), {data.num_classes} classes"
+          f"sequence length {sequence_length} (preprocessor), {num_classes} classes"
           + (f", backbone quantized to {args.quantize}" if args.quantize else ""), flush=True)
     return model, sequence_length
 
@@ -513,7 +516,7 @@ def _with_backup(strategy: Strategy, args, shuffle, callbacks: list):
     the epoch shuffle and a resume message before the strategy's callbacks."""
     if not args.resume:
         return None, callbacks
-    backup = keras_peft.BackupAndRestore(os.path.join(args.resume, strategy.slug),
+    backup = keras_peft.BackupAndRestore(os.path.join(args.resume, _folder(strategy, args)),
                                          save_freq=args.backup_every or "epoch")
 
     def announce(logs=None):
@@ -569,25 +572,94 @@ def _memory_facts(timer: StepTimer) -> dict:
 
 
 def _save_delta(model, args, out_dir: str) -> str | None:
+    """The run's delta (with --adapter: that adapter alone, in adapter.safetensors)."""
     if not args.save_delta:
         return None
-    delta_path = os.path.join(out_dir, "delta.safetensors")
+    name = _task_adapters.ADAPTER_FILE if args.adapter else "delta.safetensors"
+    delta_path = os.path.join(out_dir, name)
     os.makedirs(out_dir, exist_ok=True)
-    keras_peft.save_delta(model, delta_path)
+    keras_peft.save_delta(model, delta_path, adapter=args.adapter)
     return delta_path
+
+
+def _folder(strategy: Strategy, args) -> str:
+    """A run's folder under --output-dir: the adapter's name, or the strategy's slug."""
+    return args.adapter or strategy.slug
+
+
+def _task_base(model, args) -> list | None:
+    """With --adapter or --load-adapter: the shared head kernel, then the loaded adapters
+    (returned; None without either option)."""
+    if not (args.adapter or args.load_adapter):
+        return None
+    _task_adapters.fixed_head(model)
+    for adapter in args.loaded_adapters:
+        keras_peft.load_delta(model, adapter.path)
+        print(f"loaded adapter {adapter.name!r} from {adapter.path} (task data "
+              f"{adapter.task['data']})", flush=True)
+    return list(args.loaded_adapters)
+
+
+def evaluate_loaded(args, preset: str, pooling: str, pooling_reason: str) -> dict:
+    """--load-adapter without --adapter: the base with every loaded adapter, each evaluated
+    on its task; nothing trains. Writes --output-dir/adapters.json."""
+    print("no --adapter: evaluating the loaded adapters; nothing trains", flush=True)
+    model, _ = _fresh_classifier(args, args.loaded_adapters[0].num_classes, preset, pooling,
+                                 pooling_reason)
+    _task_base(model, args)
+    model.compile(loss=_loss(), metrics=["accuracy"], jit_compile=args.xla)
+    result = {"adapters": evaluate_adapters(model, args.loaded_adapters, args, {}),
+              "preset": args.preset, "pooling": pooling,
+              "sequence_length": args.sequence_length, "quantize": args.quantize}
+    write_json(os.path.join(args.output_dir, "adapters.json"), result)
+    return result
+
+
+def evaluate_adapters(model, adapters: list, args, known: dict) -> list[dict]:
+    """Selects each adapter in turn and evaluates it on its task's held-out data (`known`:
+    datasets already built, by adapter name); prints and returns the rows."""
+    rows = []
+    for adapter in adapters:
+        keras_peft.set_adapter(model, adapter.name)
+        val_ds, count = known.get(adapter.name, (None, 0))
+        if val_ds is None:
+            task = adapter.task
+            split = load_text_data(
+                task["data"], task["validation_data"], text_column=task["text_column"],
+                label_column=task["label_column"], delimiter=task["delimiter"],
+                validation_fraction=task["validation_fraction"],
+                split_seed=task["split_seed"], max_examples=task["max_examples"],
+                max_validation_examples=task["max_validation_examples"]).validation
+            val_ds, count = make_dataset(split, args.batch_size, shuffle=False, seed=0), len(split)
+        _, accuracy = model.evaluate(val_ds, verbose=0)
+        trained_here = adapter.name == args.adapter
+        rows.append({
+            "adapter": adapter.name,
+            "data": args.data if trained_here else adapter.task["data"],
+            "validation_examples": count,
+            "val_accuracy": float(accuracy),
+            "accuracy_at_training": None if trained_here else adapter.val_accuracy,
+            "origin": "trained in this run" if trained_here else adapter.path,
+        })
+    print("\nevery adapter on this base, selected in turn (keras_peft.set_adapter):\n"
+          + _task_adapters.table(rows), flush=True)
+    return rows
 
 
 def run_strategy(strategy: Strategy, args, data: TextData, preset: str, pooling: str,
                  pooling_reason: str, settings: dict) -> dict:
     """Builds a fresh classifier, applies `strategy`, trains, evaluates, saves; returns results."""
     start = time.perf_counter()
-    model, sequence_length = _fresh_classifier(args, data, preset, pooling, pooling_reason)
+    model, sequence_length = _fresh_classifier(args, data.num_classes, preset, pooling,
+                                               pooling_reason)
+    loaded = _task_base(model, args)
     shuffle, train_ds, val_ds = _datasets(args, data)
     steps_per_epoch = max(1, len(data.train) // args.batch_size)
     total_steps = steps_per_epoch * args.epochs
 
     rules, callbacks, info = strategy_rules(strategy, model, train_ds, pooling=pooling,
-                                            total_steps=total_steps, verbose=args.verbose)
+                                            total_steps=total_steps, verbose=args.verbose,
+                                            adapter=args.adapter)
     keras_peft.wrap(model, rules, skip_nonfinite=args.skip_nonfinite)
     rep = keras_peft.report(model)
     if args.verbose:
@@ -609,7 +681,7 @@ def run_strategy(strategy: Strategy, args, data: TextData, preset: str, pooling:
     print(f"validation after training: accuracy {val_accuracy:.3f} (before {accuracy_before:.3f})"
           f", loss {val_loss:.4f}", flush=True)
 
-    out_dir = os.path.join(args.output_dir, strategy.slug)
+    out_dir = os.path.join(args.output_dir, _folder(strategy, args))
     delta_path = _save_delta(model, args, out_dir)
     steps = timer.summary()
     end = keras_peft.report(model)  # adaptive strategies change what trains during fit
@@ -641,8 +713,15 @@ def run_strategy(strategy: Strategy, args, data: TextData, preset: str, pooling:
         "delta_path": delta_path,
         "delta_bytes": os.path.getsize(delta_path) if delta_path else None,
         **info,
+        **({"adapter_name": args.adapter, "task": _task_adapters.task_settings(args)}
+           if args.adapter else {}),
         "settings": settings,
     }
+    if loaded is not None:  # every adapter on this base, each on its own task's data
+        mine = _task_adapters.TaskAdapter(args.adapter, delta_path or "", {}, {},
+                                          data.num_classes, float(val_accuracy))
+        result["adapters"] = evaluate_adapters(model, [*loaded, mine], args,
+                                               {args.adapter: (val_ds, len(data.validation))})
     write_json(os.path.join(out_dir, "results.json"), result)
     del model
     return result
@@ -655,7 +734,7 @@ _RUN_SPECIFIC = ("started", "device", "versions")
 def _finished_run(strategy: Strategy, args, settings: dict) -> dict | None:
     """With --resume: the results of `strategy` if an earlier run of the same command
     finished it (its results.json, written last, has the same settings), else None."""
-    path = os.path.join(args.output_dir, strategy.slug, "results.json")
+    path = os.path.join(args.output_dir, _folder(strategy, args), "results.json")
     try:
         with open(path, encoding="utf-8") as f:
             result = json.load(f)
@@ -719,6 +798,15 @@ def _add_training_options(p) -> None:
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="quantize the pretrained backbone (Keras' model.quantize) before the "
                         "strategy: LoRA then trains float adapters on int8 kernels (QLoRA-style)")
+    p.add_argument("--adapter", metavar="NAME", default=None,
+                   help="train the strategy's adapter (a keras-peft LoRA variant) under this "
+                        "name, covering the head too, and save it alone to "
+                        f"--output-dir/NAME/{_task_adapters.ADAPTER_FILE}: one task of several "
+                        "on one base (see --load-adapter)")
+    p.add_argument("--load-adapter", metavar="FILE", action="append", default=[],
+                   help="an adapter file written by --adapter, loaded onto the base beside the "
+                        "others (repeat for several); every adapter is then evaluated on its "
+                        "own task's held-out data. Without --adapter nothing trains")
     p.add_argument("--max-examples", type=int, default=None, help="cap on training examples")
     p.add_argument("--max-validation-examples", type=int, default=None,
                    help="cap on validation examples")
@@ -762,7 +850,27 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--warmup must be in [0, 1)")
     if args.backup_every is not None and (args.backup_every < 1 or not args.resume):
         p.error("--backup-every needs --resume DIR and a number of steps >= 1")
+    if args.adapter is not None:
+        _task_adapters.check_name(args.adapter)
+        if args.compare:
+            raise SystemExit("error: --adapter trains one task's adapter: give one --strategy, "
+                             "not --compare")
     return args
+
+
+def _check_adapter_strategy(strategy: Strategy, args) -> None:
+    """--adapter needs a keras-peft adapter that holds everything the task changes."""
+    if not args.adapter:
+        return
+    spec = strategy.arg if strategy.name in _common.LORA_NAMES else None
+    why = ("it adds no adapter" if spec is None else
+           "Keras' own LoRA (:keras) has no named adapters" if spec.keras else
+           "biases/norms (:bias, :norm) would train the shared base, which an adapter file "
+           "does not hold" if spec.bias or spec.norm else None)
+    if why:
+        raise SystemExit(f"error: --adapter {args.adapter} with --strategy {strategy.spec}: "
+                         f"{why}. Use lora:RANK, dora:RANK or pissa:RANK (options such as "
+                         "all-linear, alpha=, plus= are fine).")
 
 
 def _strategies(args) -> list[Strategy]:
@@ -776,6 +884,8 @@ def _strategies(args) -> list[Strategy]:
         raise SystemExit("error: --compare names no strategy")
     if len({s.slug for s in strategies}) != len(strategies):
         raise SystemExit(f"error: a strategy is named twice in {specs}")
+    for strategy in strategies:
+        _check_adapter_strategy(strategy, args)
     return strategies
 
 
@@ -815,6 +925,8 @@ def _settings(args, data: TextData, pooling: str, mixed: bool, device: dict) -> 
         "learning_rate": args.learning_rate, "sequence_length": args.sequence_length,
         "dropout": args.dropout, "pooling": pooling, "skip_nonfinite": args.skip_nonfinite,
         **({"quantize": args.quantize} if args.quantize else {}),
+        **({"adapter": args.adapter} if args.adapter else {}),
+        **({"load_adapter": args.load_adapter} if args.load_adapter else {}),
         "mixed_precision": mixed, "xla": args.xla, "device": device,
         "versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
                      "keras": keras.__version__, "keras_peft": keras_peft.__version__},
@@ -832,7 +944,8 @@ def _run_all(strategies, args, data, preset, pooling, reason, settings):
         finished = _finished_run(strategy, args, settings) if args.resume else None
         if finished is not None:
             print(f"{strategy.spec}: finished in an earlier run of this command (--resume); "
-                  f"reusing {os.path.join(args.output_dir, strategy.slug, 'results.json')}",
+                  "reusing "
+                  f"{os.path.join(args.output_dir, _folder(strategy, args), 'results.json')}",
                   flush=True)
             results.append(finished)
             if args.compare:
@@ -855,24 +968,28 @@ def _print_results(results: list[dict], args) -> None:
               f"{r['total_params']:,} parameters trained ({r['trainable_percent']:.2f} %); "
               f"mean step {r['mean_step_s']:.3f} s; training {r['train_time_s']:.1f} s, "
               f"wall {r['wall_time_s']:.1f} s; peak RSS {r['peak_rss_mb']:.0f} MB")
-        print(f"  results: {os.path.join(args.output_dir, parse_strategy(r['strategy']).slug)}"
+        folder = r.get("adapter_name") or parse_strategy(r["strategy"]).slug
+        print(f"  results: {os.path.join(args.output_dir, folder)}"
               f"{os.sep}results.json", flush=True)
 
 
 def main(argv=None) -> dict:
     """Runs the recipe. Returns one run's results, or with `--compare` a dict with `runs`."""
     args = parse_args(argv)
-    strategies = _strategies(args)
+    evaluate_only = bool(args.load_adapter) and not args.adapter
+    strategies = [] if evaluate_only else _strategies(args)
     device = _device()
     mixed = device["kind"] == "GPU" if args.mixed_precision is None else args.mixed_precision
-    data = _load_data(args)
+    data = None if evaluate_only else _load_data(args)
     try:
         preset = resolve_preset(args.preset)
     except (FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"error: {e}") from None
     pooling, reason = (args.pooling, "--pooling") if args.pooling else detect_pooling(
         args.preset, preset)
-    settings = _settings(args, data, pooling, mixed, device)
+    args.loaded_adapters = _task_adapters.read_all(
+        args.load_adapter, args, pooling, data.num_classes if data else None
+    ) if args.load_adapter else []
     print(f"device: {device['kind']} ({device['name']}, {device['count']}); mixed precision "
           f"{'on' if mixed else 'off'}; XLA {'on' if args.xla else 'off'}", flush=True)
 
@@ -880,6 +997,9 @@ def main(argv=None) -> dict:
     if mixed:
         keras.mixed_precision.set_global_policy("mixed_float16")
     try:
+        if evaluate_only:
+            return evaluate_loaded(args, preset, pooling, reason)
+        settings = _settings(args, data, pooling, mixed, device)
         results, comparison = _run_all(strategies, args, data, preset, pooling, reason,
                                        settings)
     finally:

@@ -315,3 +315,23 @@ def test_lora_refuses_a_layer_frozen_the_keras_way_before_any_change():
     assert not any(is_adapted(layer) for layer in model.layers)
     rules = keras_peft.lora(model, rank=2, targets=r".*block_1")  # the others are fine
     assert keras_peft.wrap(model, rules)
+
+
+def test_a_list_of_targets_is_their_union_and_each_must_match():
+    model = tiny_mlp()
+    before = state(model)
+    with pytest.raises(keras_peft.LoraTargetError, match=r"targets='hed' matched no layer"):
+        keras_peft.lora(model, rank=2, targets=["all-linear", "hed"])  # a typo is not dropped
+    assert state(model) == before
+    for bad in ([], ["all-linear", ""], [r".*block_0", 3], {"all-linear"}):
+        with pytest.raises(ValueError, match=r"or a list of them \(their union"):
+            keras_peft.lora(model, rank=2, targets=bad)
+    with pytest.raises(ValueError, match=r"targets='\(' is not a valid regular expression"):
+        keras_peft.lora(model, rank=2, targets=["all-linear", "("])
+    assert state(model) == before
+    rules = keras_peft.lora(model, rank=2, targets=["all-linear", r".*head"], train_head=False)
+    keras_peft.wrap(model, rules)
+    assert [v.path for v in model.trainable_weights] == [
+        f"mlp/{layer}/lora_kernel_{ab}" for layer in ("block_0", "block_1", "head")
+        for ab in "ab"]
+    assert state_of(model).lora[0]["targets"] == ["all-linear", r".*head"]

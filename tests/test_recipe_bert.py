@@ -381,6 +381,97 @@ def test_quantize_int8_trains_float_adapters_on_int8_kernels(tiny_preset, sentim
     assert saved and all("lora_kernel" in k or k.startswith("logits/") for k in saved), saved
 
 
+# ------------------------------------------------------------ task adapters
+@pytest.fixture(scope="module")
+def second_task_file(tmp_path_factory):
+    """The same kind of sentences, labelled by another rule: 'the movie was' vs 'the was'."""
+    rng = np.random.default_rng(1)
+    lines = ["sentence\tlabel"]
+    for i in range(80):
+        word = rng.choice(POSITIVE + NEGATIVE)
+        lines.append(("the movie was " if i % 2 else "the was ") + f"{word}\t{i % 2}")
+    path = tmp_path_factory.mktemp("data2") / "train.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _task_argv(preset, data, out, *extra):
+    return ["--preset", preset, "--data", data, "--strategy", "lora:2:all-linear",
+            "--pooling", "mean", "--sequence-length", "12", "--batch-size", "8", "--no-xla",
+            "--epochs", "2", "--output-dir", out, "--verbose", "0", *extra]
+
+
+def test_task_adapters_train_apart_load_together_and_each_keeps_its_accuracy(
+        tiny_preset, sentiment_file, second_task_file, tmp_path):
+    out = str(tmp_path / "tasks")
+    first = recipe.main(_task_argv(tiny_preset, sentiment_file, out, "--adapter", "sentiment"))
+    path = os.path.join(out, "sentiment", "adapter.safetensors")
+    assert first["delta_path"] == path and first["adapter_name"] == "sentiment"
+    assert first["task"]["data"] == os.path.abspath(sentiment_file)
+    assert first["lora_targets"] == "all-linear, logits"
+    import safetensors
+
+    with safetensors.safe_open(path, "np") as f:  # the adapter alone, the head's included
+        saved = {k: f.get_tensor(k).size for k in f.keys()}
+    assert saved and all(k.endswith("__sentiment") for k in saved), saved
+    assert any(k.startswith("logits/") for k in saved)
+    assert first["trainable_params"] == sum(saved.values())  # nothing else trained
+
+    second = recipe.main(_task_argv(tiny_preset, second_task_file, out, "--adapter", "topic",
+                                    "--load-adapter", path))
+    rows = {r["adapter"]: r for r in second["adapters"]}
+    assert set(rows) == {"sentiment", "topic"}
+    # the loaded adapter did not train while `topic` did, and computes as it did when trained
+    assert rows["sentiment"]["val_accuracy"] == pytest.approx(first["val_accuracy"], abs=1e-6)
+    assert rows["sentiment"]["accuracy_at_training"] == first["val_accuracy"]
+    assert rows["topic"]["val_accuracy"] == pytest.approx(second["val_accuracy"], abs=1e-6)
+    assert rows["topic"]["validation_examples"] == 16
+    with safetensors.safe_open(second["delta_path"], "np") as f:
+        assert all(k.endswith("__topic") for k in f.keys())
+
+    both = recipe.main(["--preset", tiny_preset, "--pooling", "mean", "--sequence-length", "12",
+                        "--no-xla", "--output-dir", str(tmp_path / "eval"), "--verbose", "0",
+                        "--load-adapter", path, "--load-adapter", second["delta_path"]])
+    for row in both["adapters"]:  # a fresh process-like base: same accuracies, nothing trains
+        expected = first if row["adapter"] == "sentiment" else second
+        assert row["val_accuracy"] == pytest.approx(expected["val_accuracy"], abs=1e-6)
+    assert os.path.exists(str(tmp_path / "eval" / "adapters.json"))
+    with pytest.raises(SystemExit, match=r"trained on another base \(sequence_length: 12 "
+                                         r"there, 16 here\)"):
+        recipe.main(["--preset", tiny_preset, "--pooling", "mean", "--sequence-length", "16",
+                     "--load-adapter", path, "--output-dir", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match=r"adapter name\(s\) \['sentiment'\] given twice"):
+        recipe.main(_task_argv(tiny_preset, sentiment_file, str(tmp_path / "y"),
+                               "--adapter", "sentiment", "--load-adapter", path))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--strategy", "bitfit"], "with --strategy bitfit: it adds no adapter"),
+    (["--strategy", "lora:2:bias"], r"biases/norms \(:bias, :norm\) would train the shared"),
+    (["--strategy", "lora:2:keras"], "Keras' own LoRA"),
+    (["--compare", "lora:2,dora:2"], "give one --strategy, not --compare"),
+    (["--adapter", "a__b"], "An adapter name must be a string of letters"),
+    (["--load-adapter", "nowhere.safetensors"], "no such file"),
+])
+def test_task_adapter_options_refuse_what_cannot_work(extra, message, sentiment_file, tmp_path):
+    argv = ["--data", sentiment_file, "--output-dir", str(tmp_path)]
+    argv += [] if "--adapter" in extra or "--load-adapter" in extra else ["--adapter", "t"]
+    with pytest.raises(SystemExit, match=message):
+        recipe.main(argv + extra)
+
+
+def test_load_adapter_needs_the_results_of_a_run_with_adapter(tiny_preset, sentiment_file,
+                                                              tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "delta.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit, match="cannot read the results.json beside it"):
+        recipe.main(["--load-adapter", str(plain / "delta.safetensors")])
+    (plain / "results.json").write_text(json.dumps({"strategy": "lora:2"}))
+    with pytest.raises(SystemExit, match="is from a run without --adapter"):
+        recipe.main(["--load-adapter", str(plain / "delta.safetensors")])
+
+
 def test_backup_every_needs_resume(sentiment_file):
     with pytest.raises(SystemExit):
         recipe.parse_args(["--backup-every", "5"])

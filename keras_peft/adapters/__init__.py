@@ -3,7 +3,12 @@
 
 from keras_peft.adapters.config import AdapterConfig
 from keras_peft.adapters.kinds import UnsupportedLayerError
-from keras_peft.adapters.layer import AdaptedLayer, is_adapted, pissa_factors
+from keras_peft.adapters.layer import (
+    AdaptedLayer,
+    check_adapter_name,
+    is_adapted,
+    pissa_factors,
+)
 
-__all__ = ["AdaptedLayer", "AdapterConfig", "UnsupportedLayerError", "is_adapted",
-           "pissa_factors"]
+__all__ = ["AdaptedLayer", "AdapterConfig", "UnsupportedLayerError", "check_adapter_name",
+           "is_adapted", "pissa_factors"]

@@ -80,18 +80,25 @@ def lora_layer_paths(model) -> dict[str, keras.layers.Layer]:
     return backend_for(model, "lora_layer_paths").lora_layer_paths(model)
 
 
-def _check_targets(targets) -> re.Pattern | None:
-    if not isinstance(targets, str) or not targets:
+def _check_targets(targets) -> list[str]:
+    """`targets` as a list of patterns (a string is one), each checked."""
+    items = [targets] if isinstance(targets, str) else targets
+    if (not isinstance(items, (list, tuple)) or not items
+            or not all(isinstance(t, str) and t for t in items)):
         raise ValueError(
             "`targets` must be a non-empty regex string matched against layer "
-            f"paths, e.g. r'.*(query|value)', or {ALL_LINEAR!r}. Received: targets={targets!r}."
+            f"paths, e.g. r'.*(query|value)', or {ALL_LINEAR!r}, or a list of them (their "
+            f"union, e.g. [{ALL_LINEAR!r}, r'.*logits']). Received: targets={targets!r}."
         )
-    if targets == ALL_LINEAR:
-        return None
-    try:
-        return re.compile(targets)
-    except re.error as e:
-        raise ValueError(f"targets={targets!r} is not a valid regular expression: {e}.") from None
+    for item in items:
+        if item == ALL_LINEAR:
+            continue
+        try:
+            re.compile(item)
+        except re.error as e:
+            raise ValueError(
+                f"targets={item!r} is not a valid regular expression: {e}.") from None
+    return list(items)
 
 
 def _check_ratio(ratio) -> float | None:
@@ -183,7 +190,9 @@ def lora(
             `alpha = rank`, a scale of 1, as in Keras.
         targets: regex fullmatched against layer paths (e.g.
             `transformer_layer_0/self_attention_layer/query`), or `"all-linear"`:
-            every `Dense`/`EinsumDense` inside the model's blocks, not the head.
+            every `Dense`/`EinsumDense` inside the model's blocks, not the head;
+            or a list of them, their union (`["all-linear", r".*logits"]`
+            adds the head), each of which must match a layer.
             The default adapts attention queries and values, as in the LoRA
             paper. See the candidates with `keras_peft.lora_layer_paths(model)`.
         variant: `"lora"`, or `"dora"` (Liu et al. 2024): the output of each
@@ -262,17 +271,22 @@ def lora(
             "named adapters need keras-peft's layers: drop implementation='keras'. "
             f"Received: adapter={adapter!r}.")
     ratio = _check_ratio(loraplus_ratio)
-    regex = _check_targets(targets)
+    items = _check_targets(targets)
     if not isinstance(train_head, bool):
         raise ValueError(
             f"`train_head` must be True or False. Received: train_head={train_head!r}.")
     if rest is not None and not isinstance(rest, Rule):
         raise ValueError(f"`rest` must be a keras_peft.Rule or None. Received: rest={rest!r}.")
     backend = require_built(model, "lora", "add LoRA to")
-    if regex is None:
-        candidates = _all_linear(backend, model, block_names)
-        regex = re.compile("|".join(re.escape(p) for p in candidates) or "(?!)")
-    matched = _matched_layers(backend, model, targets, regex, config, adapter)
+    matched = {}
+    for item in items:  # each must match a layer: a typo in one is not silently dropped
+        if item == ALL_LINEAR:
+            candidates = _all_linear(backend, model, block_names)
+            regex = re.compile("|".join(re.escape(p) for p in candidates) or "(?!)")
+        else:
+            regex = re.compile(item)
+        matched.update(_matched_layers(backend, model, item, regex, config, adapter))
+    matched = {p: layer for p, layer in backend.lora_layer_paths(model).items() if p in matched}
     head, _ = head_and_neck(model, block_names)  # may raise: before any change
 
     for layer in matched.values():
@@ -282,7 +296,9 @@ def lora(
         _apply_trainability(backend, model)
     backend.reset_compiled_functions(model)
     state_of(model, backend).add_lora(
-        {**config.to_dict(), "adapter": adapter, "targets": targets, "layers": list(matched)})
+        {**config.to_dict(), "adapter": adapter,
+         "targets": targets if isinstance(targets, str) else list(targets),
+         "layers": list(matched)})
     return _lora_rules(backend, model, matched, head if train_head else None, rest, ratio)
 
 
