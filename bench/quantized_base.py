@@ -4,9 +4,11 @@ Builds the recipe's mean-pooling all-MiniLM-L6-v2 classifier twice (the backbone
 float32, and quantized to int8 with Keras' `quantize`), gives both all-linear LoRA
 rank 8, and measures, alternating the two models step by step so that both see the
 same machine: the train step time (XLA off and on), and the bytes the weights take
-(every variable's size). Accuracy is measured by `bench/adapters_sst2.py --quantize int8`.
+(every variable's size). Then the peak memory of training each, in a process of its
+own (`ru_maxrss` after the same steps with XLA). Accuracy is measured by
+`bench/adapters_sst2.py --quantize int8`.
 
-    python bench/quantized_base.py          # ~3 minutes on 2 CPU cores
+    python bench/quantized_base.py          # ~5 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -49,25 +53,56 @@ def weight_bytes(model) -> int:
     return int(sum(np.prod(v.shape) * tf.as_dtype(v.dtype).size for v in model.weights))
 
 
+def batch_for(model, n: int, length: int):
+    rng = np.random.default_rng(0)
+    x = {"token_ids": rng.integers(1000, 5000, (n, length)).astype("int32"),
+         "padding_mask": np.ones((n, length), "bool"),
+         "segment_ids": np.zeros((n, length), "int32")}
+    names = {t.name.split(":")[0] for t in model.inputs}
+    return {k: v for k, v in x.items() if k in names}, rng.integers(0, 2, n).astype("int32")
+
+
+def peak_rss_mb(kind: str, args) -> float:
+    """This process trains one model (`kind`) for the steps; its peak resident set."""
+    model = build(kind == "int8", args.sequence_length, jit=True)
+    batch, y = batch_for(model, args.batch_size, args.sequence_length)
+    for _ in range(args.steps + 1):
+        model.train_on_batch(batch, y)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_rss_apart(args) -> dict:
+    """The peak RSS of training each model in a fresh process (nothing else in it)."""
+    result = {}
+    for kind in ("float32", "int8"):
+        command = [sys.executable, os.path.abspath(__file__), "--peak-rss-of", kind,
+                   "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                   "--sequence-length", str(args.sequence_length)]
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        result[kind] = json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
+        print(f"peak RSS training {kind}: {result[kind]:,.0f} MB", flush=True)
+    result["int8_over_float32"] = round(result["int8"] / result["float32"], 3)
+    return result
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--sequence-length", type=int, default=64)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "quantized_base"))
+    parser.add_argument("--peak-rss-of", choices=("float32", "int8"), default=None,
+                        help=argparse.SUPPRESS)  # the child process of peak_rss_apart
     args = parser.parse_args(argv)
-    rng = np.random.default_rng(0)
+    if args.peak_rss_of:
+        print(json.dumps({"peak_rss_mb": peak_rss_mb(args.peak_rss_of, args)}))
+        return {}
     n, length = args.batch_size, args.sequence_length
-    x = {"token_ids": rng.integers(1000, 5000, (n, length)).astype("int32"),
-         "padding_mask": np.ones((n, length), "bool"),
-         "segment_ids": np.zeros((n, length), "int32")}
-    y = rng.integers(0, 2, n).astype("int32")
     result = {"model": "all-MiniLM-L6-v2, mean pooling, all-linear LoRA r=8",
               "batch_size": n, "sequence_length": length, "steps": args.steps}
     for jit in (False, True):
         models = {"float32": build(False, length, jit), "int8": build(True, length, jit)}
-        names = {t.name.split(":")[0] for t in models["float32"].inputs}
-        batch = {k: v for k, v in x.items() if k in names}
+        batch, y = batch_for(models["float32"], n, length)
         times = {k: [] for k in models}
         for model in models.values():  # trace and warm up
             model.train_on_batch(batch, y)
@@ -88,6 +123,7 @@ def main(argv=None) -> dict:
             result[key]["int8"]["weight_bytes"] / result[key]["float32"]["weight_bytes"], 3)
         del models
         keras.backend.clear_session()
+    result["peak_rss_mb_apart"] = peak_rss_apart(args)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(result, f, indent=2)

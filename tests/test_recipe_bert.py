@@ -436,6 +436,21 @@ def test_task_adapters_train_apart_load_together_and_each_keeps_its_accuracy(
         expected = first if row["adapter"] == "sentiment" else second
         assert row["val_accuracy"] == pytest.approx(expected["val_accuracy"], abs=1e-6)
     assert os.path.exists(str(tmp_path / "eval" / "adapters.json"))
+    # serving, as docs/recipes/bert.md shows: a fresh base, the files, switch, merge
+    import _task_adapters
+
+    served = _fresh(tiny_preset)
+    _task_adapters.fixed_head(served)
+    for file in (path, second["delta_path"]):
+        keras_peft.load_delta(served, file)
+    texts = ["the movie was fun", "the was awful"]
+    keras_peft.set_adapter(served, "sentiment")
+    before = served.predict(texts, verbose=0)
+    keras_peft.merge(served, adapter="sentiment")
+    np.testing.assert_allclose(served.predict(texts, verbose=0), before, atol=1e-5)
+    keras_peft.unmerge(served, adapter="sentiment")
+    keras_peft.set_adapter(served, "topic")
+    assert np.abs(served.predict(texts, verbose=0) - before).max() > 1e-4
     with pytest.raises(SystemExit, match=r"trained on another base \(sequence_length: 12 "
                                          r"there, 16 here\)"):
         recipe.main(["--preset", tiny_preset, "--pooling", "mean", "--sequence-length", "16",
