@@ -5,7 +5,7 @@ float32, and quantized to int8 with Keras' `quantize`), gives both all-linear Lo
 rank 8, and measures, alternating the two models step by step so that both see the
 same machine: the train step time (XLA off and on), and the bytes the weights take
 (every variable's size). Then the peak memory of training each, in a process of its
-own (`ru_maxrss` after the same steps with XLA). Accuracy is measured by
+own: resident once built, and the peak while training (XLA on). Accuracy is measured by
 `bench/adapters_sst2.py --quantize int8`.
 
     python bench/quantized_base.py          # ~5 minutes on 2 CPU cores
@@ -14,6 +14,7 @@ own (`ru_maxrss` after the same steps with XLA). Accuracy is measured by
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -62,26 +63,54 @@ def batch_for(model, n: int, length: int):
     return {k: v for k, v in x.items() if k in names}, rng.integers(0, 2, n).astype("int32")
 
 
-def peak_rss_mb(kind: str, args) -> float:
-    """This process trains one model (`kind`) for the steps; its peak resident set."""
+def _status_mb(key: str) -> float | None:
+    """A `/proc/self/status` memory figure (Linux), in MB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory_of(kind: str, args) -> dict:
+    """This process builds one model (`kind`) and trains it for the steps: the resident set
+    once built, the peak while training (the high-water mark is reset after the build, on
+    Linux), and the peak of the whole process (which includes loading the float checkpoint
+    that both models start from)."""
     model = build(kind == "int8", args.sequence_length, jit=True)
     batch, y = batch_for(model, args.batch_size, args.sequence_length)
+    gc.collect()
+    built = _status_mb("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the peak resident set
+        reset = True
+    except OSError:
+        reset = False
     for _ in range(args.steps + 1):
         model.train_on_batch(batch, y)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"resident_after_build_mb": built,
+            "training_peak_mb": _status_mb("VmHWM") if reset else None,
+            "process_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def peak_rss_apart(args) -> dict:
-    """The peak RSS of training each model in a fresh process (nothing else in it)."""
+def memory_apart(args) -> dict:
+    """`memory_of` each model, each in a fresh process (nothing else in it)."""
     result = {}
     for kind in ("float32", "int8"):
-        command = [sys.executable, os.path.abspath(__file__), "--peak-rss-of", kind,
+        command = [sys.executable, os.path.abspath(__file__), "--memory-of", kind,
                    "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                    "--sequence-length", str(args.sequence_length)]
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        result[kind] = json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
-        print(f"peak RSS training {kind}: {result[kind]:,.0f} MB", flush=True)
-    result["int8_over_float32"] = round(result["int8"] / result["float32"], 3)
+        result[kind] = json.loads(out.strip().splitlines()[-1])
+        print(f"memory training {kind}: {result[kind]}", flush=True)
+    for key in result["float32"]:
+        if result["float32"][key] and result["int8"][key]:
+            result[f"{key}_int8_over_float32"] = round(
+                result["int8"][key] / result["float32"][key], 3)
     return result
 
 
@@ -91,11 +120,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--sequence-length", type=int, default=64)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "quantized_base"))
-    parser.add_argument("--peak-rss-of", choices=("float32", "int8"), default=None,
-                        help=argparse.SUPPRESS)  # the child process of peak_rss_apart
+    parser.add_argument("--memory-of", choices=("float32", "int8"), default=None,
+                        help=argparse.SUPPRESS)  # the child process of memory_apart
     args = parser.parse_args(argv)
-    if args.peak_rss_of:
-        print(json.dumps({"peak_rss_mb": peak_rss_mb(args.peak_rss_of, args)}))
+    if args.memory_of:
+        print(json.dumps(memory_of(args.memory_of, args)))
         return {}
     n, length = args.batch_size, args.sequence_length
     result = {"model": "all-MiniLM-L6-v2, mean pooling, all-linear LoRA r=8",
@@ -123,7 +152,7 @@ def main(argv=None) -> dict:
             result[key]["int8"]["weight_bytes"] / result[key]["float32"]["weight_bytes"], 3)
         del models
         keras.backend.clear_session()
-    result["peak_rss_mb_apart"] = peak_rss_apart(args)
+    result["memory_apart"] = memory_apart(args)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(result, f, indent=2)

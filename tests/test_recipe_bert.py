@@ -412,7 +412,7 @@ def test_task_adapters_train_apart_load_together_and_each_keeps_its_accuracy(
     import safetensors
 
     with safetensors.safe_open(path, "np") as f:  # the adapter alone, the head's included
-        saved = {k: f.get_tensor(k).size for k in f.keys()}
+        saved = {k: f.get_tensor(k).size for k in f.keys()}  # noqa: SIM118 (not a dict)
     assert saved and all(k.endswith("__sentiment") for k in saved), saved
     assert any(k.startswith("logits/") for k in saved)
     assert first["trainable_params"] == sum(saved.values())  # nothing else trained
@@ -427,7 +427,7 @@ def test_task_adapters_train_apart_load_together_and_each_keeps_its_accuracy(
     assert rows["topic"]["val_accuracy"] == pytest.approx(second["val_accuracy"], abs=1e-6)
     assert rows["topic"]["validation_examples"] == 16
     with safetensors.safe_open(second["delta_path"], "np") as f:
-        assert all(k.endswith("__topic") for k in f.keys())
+        assert all(k.endswith("__topic") for k in f.keys())  # noqa: SIM118
 
     both = recipe.main(["--preset", tiny_preset, "--pooling", "mean", "--sequence-length", "12",
                         "--no-xla", "--output-dir", str(tmp_path / "eval"), "--verbose", "0",

@@ -257,7 +257,9 @@ class AdaptedLayer:
         """The adapters the forward pass adds: selected, not merged, not disabled."""
         if not self._peft_enabled:
             return []
-        return [a for n in self._peft_selected if not (a := self._peft_adapters[n]).merged]
+        # No `:=` here: tf.keras' AutoGraph cannot convert it and warns at every trace.
+        adapters = [self._peft_adapters[n] for n in self._peft_selected]
+        return [a for a in adapters if not a.merged]
 
     def _peft_delta_matrix(self, adapters) -> tf.Tensor:
         """`sum s_i * A_i @ B_i` as an `(in_features, out_features)` float32 matrix."""
