@@ -87,12 +87,13 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[str]
     stem = name[: len(name) - len(suffix)] if suffix else name
     fd, tmp = tempfile.mkstemp(prefix=f".{stem}.tmp-", suffix=suffix, dir=folder)
     os.close(fd)
-    # mkstemp creates the file 0600; give it the permissions open() would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
+        # mkstemp creates the file 0600 (and a writer may have made it anew, as
+        # safetensors does): give it the permissions open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         if fsync:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())

@@ -156,3 +156,16 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
+
+
+def test_a_delta_file_gets_the_usual_permissions_too(tmp_path):
+    # safetensors writes the file anew, with mode 0600: the permissions are set after it.
+    import stat
+
+    model = tiny_mlp()
+    keras_peft.wrap(model, keras_peft.lora(model, rank=2, targets=r".*block_0"))
+    path = tmp_path / "delta.safetensors"
+    keras_peft.save_delta(model, str(path))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
