@@ -70,8 +70,13 @@ def metrics_from_confusion(cm: np.ndarray, class_names=None) -> dict:
 
 
 def evaluate(model, dataset, num_classes: int, class_names=None, *, keep: int = 0,
-             verbose: int = 1) -> tuple[dict, dict]:
+             verbose: int = 1, distributed: bool = False) -> tuple[dict, dict]:
     """Predicts `dataset` (batches of images, masks) and measures it.
+
+    `distributed`: the model was built under a `tf.distribute` strategy. It is then
+    called directly on each batch: Keras' `predict_on_batch` under `MirroredStrategy`
+    runs every replica on the whole batch and returns the copies concatenated (measured
+    with Keras 3.15: twice the rows on two replicas).
 
     Returns:
         `(metrics, kept)`: `kept` holds the first `keep` images, masks and
@@ -85,7 +90,8 @@ def evaluate(model, dataset, num_classes: int, class_names=None, *, keep: int = 
     bar = keras.utils.Progbar(batches if batches > 0 else None, verbose=verbose,
                               unit_name="batch")
     for step, (images, masks) in enumerate(dataset):
-        logits = model.predict_on_batch(images)
+        logits = model(images, training=False) if distributed else \
+            model.predict_on_batch(images)
         predictions = np.argmax(np.asarray(logits), axis=-1)
         masks = masks.numpy()
         cm += confusion_matrix(masks, predictions, num_classes)

@@ -73,6 +73,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 import _common  # noqa: E402
+import _distribution  # noqa: E402
 import _task_adapters  # noqa: E402
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -479,10 +480,16 @@ def _schedule(learning_rate: float, total_steps: int, args):
         warmup_target=learning_rate if warmup else None, warmup_steps=warmup)
 
 
-def _fresh_classifier(args, num_classes: int, preset: str, pooling: str, pooling_reason: str):
-    """A new classifier (fresh session, seeded) and its preprocessor's sequence length."""
-    keras.backend.clear_session()  # fresh layer names: the same paths for every strategy
+def _fresh_session() -> None:
+    """Keras' global state cleared: fresh layer names, the same paths for every strategy.
+    Before entering a distribution scope, never inside one (it replaces TF's graph)."""
+    keras.backend.clear_session()
     gc.collect()
+
+
+def _fresh_classifier(args, num_classes: int, preset: str, pooling: str, pooling_reason: str):
+    """A new classifier (seeded; call `_fresh_session` first) and its preprocessor's
+    sequence length."""
     keras.utils.set_random_seed(args.seed)
     model = build_classifier(preset, num_classes, pooling=pooling,
                              sequence_length=args.sequence_length, dropout=args.dropout)
@@ -604,10 +611,12 @@ def evaluate_loaded(args, preset: str, pooling: str, pooling_reason: str) -> dic
     """--load-adapter without --adapter: the base with every loaded adapter, each evaluated
     on its task; nothing trains. Writes --output-dir/adapters.json."""
     print("no --adapter: evaluating the loaded adapters; nothing trains", flush=True)
-    model, _ = _fresh_classifier(args, args.loaded_adapters[0].num_classes, preset, pooling,
-                                 pooling_reason)
-    _task_base(model, args)
-    model.compile(loss=_loss(), metrics=["accuracy"], jit_compile=args.xla)
+    _fresh_session()
+    with _distribution.scope(args.tf_strategy):
+        model, _ = _fresh_classifier(args, args.loaded_adapters[0].num_classes, preset,
+                                     pooling, pooling_reason)
+        _task_base(model, args)
+        model.compile(loss=_loss(), metrics=["accuracy"], jit_compile=args.xla)
     result = {"adapters": evaluate_adapters(model, args.loaded_adapters, args, {}),
               "preset": args.preset, "pooling": pooling,
               "sequence_length": args.sequence_length, "quantize": args.quantize}
@@ -650,21 +659,23 @@ def run_strategy(strategy: Strategy, args, data: TextData, preset: str, pooling:
                  pooling_reason: str, settings: dict) -> dict:
     """Builds a fresh classifier, applies `strategy`, trains, evaluates, saves; returns results."""
     start = time.perf_counter()
-    model, sequence_length = _fresh_classifier(args, data.num_classes, preset, pooling,
-                                               pooling_reason)
-    loaded = _task_base(model, args)
-    shuffle, train_ds, val_ds = _datasets(args, data)
-    steps_per_epoch = max(1, len(data.train) // args.batch_size)
-    total_steps = steps_per_epoch * args.epochs
+    _fresh_session()
+    with _distribution.scope(args.tf_strategy):  # build, adapt, wrap, compile: in its scope
+        model, sequence_length = _fresh_classifier(args, data.num_classes, preset, pooling,
+                                                   pooling_reason)
+        loaded = _task_base(model, args)
+        shuffle, train_ds, val_ds = _datasets(args, data)
+        steps_per_epoch = max(1, len(data.train) // args.batch_size)
+        total_steps = steps_per_epoch * args.epochs
 
-    rules, callbacks, info = strategy_rules(strategy, model, train_ds, pooling=pooling,
-                                            total_steps=total_steps, verbose=args.verbose,
-                                            adapter=args.adapter)
-    keras_peft.wrap(model, rules, skip_nonfinite=args.skip_nonfinite)
-    rep = keras_peft.report(model)
-    if args.verbose:
-        print(rep if args.verbose > 1 else rep.summary(), flush=True)
-    learning_rate = _compile(model, strategy, args, total_steps, rep)
+        rules, callbacks, info = strategy_rules(strategy, model, train_ds, pooling=pooling,
+                                                total_steps=total_steps, verbose=args.verbose,
+                                                adapter=args.adapter)
+        keras_peft.wrap(model, rules, skip_nonfinite=args.skip_nonfinite)
+        rep = keras_peft.report(model)
+        if args.verbose:
+            print(rep if args.verbose > 1 else rep.summary(), flush=True)
+        learning_rate = _compile(model, strategy, args, total_steps, rep)
 
     loss_before, accuracy_before = model.evaluate(val_ds, verbose=0)
     print(f"validation before training: accuracy {accuracy_before:.3f}, loss {loss_before:.4f}",
@@ -831,6 +842,8 @@ def _add_run_options(p) -> None:
     p.add_argument("--skip-nonfinite", action=argparse.BooleanOptionalAction, default=False,
                    help="skip training steps whose loss or gradients are NaN/Inf (the weights "
                         "and optimizer stay as they were; counted in results.json)")
+    p.add_argument("--distribution", choices=_distribution.CHOICES, default="none",
+                   help=_distribution.HELP)
     p.add_argument("--verbose", type=int, default=1,
                    help="0 silent, 1 progress bars and a summary, 2 also the per-layer report")
 
@@ -842,6 +855,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     _add_data_options(p)
     _add_training_options(p)
     _add_run_options(p)
+    p.set_defaults(tf_strategy=None)  # main() makes it from --distribution
     args = p.parse_args(argv)
     for name in ("epochs", "batch_size", "sequence_length"):
         if getattr(args, name) < 1:
@@ -927,6 +941,8 @@ def _settings(args, data: TextData, pooling: str, mixed: bool, device: dict) -> 
         **({"quantize": args.quantize} if args.quantize else {}),
         **({"adapter": args.adapter} if args.adapter else {}),
         **({"load_adapter": args.load_adapter} if args.load_adapter else {}),
+        **({"distribution": _distribution.describe(args.tf_strategy)}
+           if args.tf_strategy else {}),
         "mixed_precision": mixed, "xla": args.xla, "device": device,
         "versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
                      "keras": keras.__version__, "keras_peft": keras_peft.__version__},
@@ -992,6 +1008,7 @@ def main(argv=None) -> dict:
     ) if args.load_adapter else []
     print(f"device: {device['kind']} ({device['name']}, {device['count']}); mixed precision "
           f"{'on' if mixed else 'off'}; XLA {'on' if args.xla else 'off'}", flush=True)
+    args.tf_strategy = _distribution.make(args.distribution, args.batch_size)
 
     previous_policy = keras.mixed_precision.dtype_policy().name
     if mixed:

@@ -59,6 +59,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import _common
+import _distribution
 import _segmentation_data as seg_data
 import _segmentation_metrics as seg_metrics
 import _segmentation_model as seg_model
@@ -160,6 +161,8 @@ def _add_training_options(p) -> None:
                    help="default: on when TensorFlow sees a GPU")
     g.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=None,
                    help="XLA; default: on when TensorFlow sees a GPU")
+    g.add_argument("--distribution", choices=_distribution.CHOICES, default="none",
+                   help=_distribution.HELP + "; single runs and --compare, not --experiment")
 
 
 def _add_output_options(p) -> None:
@@ -205,12 +208,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     _add_training_options(p)
     _add_output_options(p)
     _add_experiment_options(p)
+    p.set_defaults(tf_strategy=None)  # main() makes it from --distribution
     args = p.parse_args(argv)
     _check_args(p, args)
     return args
 
 
 def _check_args(parser, args):
+    if args.experiment and args.distribution != "none":
+        parser.error("--distribution applies to single runs and --compare, not --experiment.")
     if args.experiment:
         if args.corrupt is None:
             args.corrupt = "gaussian_noise:0.2"
@@ -613,6 +619,7 @@ def _training_facts(args, trained, steps, mixed, jit, history, skipped) -> dict:
         "optimizer": "Adam", "seed": args.seed, "mixed_precision": mixed,
         "jit_compile": jit, "history": history,
         "skipped_steps": skipped,  # steps with a NaN/Inf loss or gradient, not applied
+        "distribution": _distribution.describe(args.tf_strategy),
     }
 
 
@@ -621,24 +628,25 @@ def run_one(args, strategy: str, train, val, output_dir: str, *, tag: str = "",
     """Trains one model with one strategy and writes its outputs to `output_dir`."""
     start = time.perf_counter()
     held_before = reset_peak_memory()
-    model, model_info, stride, mixed, jit = _build_model(args, train.num_classes)
-    crop = _crop_size(args, stride)
-    verbose = args.verbose
-    say = print if verbose else (lambda *a, **k: None)
-    train_ds, val_ds = _run_datasets(args, train, val, crop)
-    say(f"\n== {tag or strategy}: {len(train)} training / {len(val)} validation images "
-        f"({train.source}), {args.image_size}px, crops {crop or 'none'}, corruption "
-        f"{args.corruption or 'none'}")
+    with _distribution.scope(args.tf_strategy):  # build, wrap, compile and fit in its scope
+        model, model_info, stride, mixed, jit = _build_model(args, train.num_classes)
+        crop = _crop_size(args, stride)
+        verbose = args.verbose
+        say = print if verbose else (lambda *a, **k: None)
+        train_ds, val_ds = _run_datasets(args, train, val, crop)
+        say(f"\n== {tag or strategy}: {len(train)} training / {len(val)} validation images "
+            f"({train.source}), {args.image_size}px, crops {crop or 'none'}, corruption "
+            f"{args.corruption or 'none'}")
 
-    before = None
-    if args.init:
-        before, _ = seg_metrics.evaluate(model, val_ds, val.num_classes, val.class_names,
-                                         verbose=0)
-    rules, description = strategy_rules(model, strategy, train_ds)
-    steps = args.steps_per_epoch or max(1, math.ceil(len(train) / args.batch_size))
-    timer = _common.make_timer(per="batch")  # mean(): steps after the first (it traces)
-    bn, history = _train(args, model, strategy, rules, description, train_ds, steps=steps,
-                         timer=timer, jit=jit, say=say)
+        before = None
+        if args.init:
+            before, _ = seg_metrics.evaluate(model, val_ds, val.num_classes, val.class_names,
+                                             verbose=0, distributed=args.tf_strategy is not None)
+        rules, description = strategy_rules(model, strategy, train_ds)
+        steps = args.steps_per_epoch or max(1, math.ceil(len(train) / args.batch_size))
+        timer = _common.make_timer(per="batch")  # mean(): steps after the first (it traces)
+        bn, history = _train(args, model, strategy, rules, description, train_ds, steps=steps,
+                             timer=timer, jit=jit, say=say)
     memory = {**peak_memory(), "held_before_mib": held_before}  # evaluation comes next
     report = keras_peft.report(model)
     groups = group_table(model)
@@ -646,7 +654,8 @@ def run_one(args, strategy: str, train, val, output_dir: str, *, tag: str = "",
         groups = [{**g, "trainable_params": 0} for g in groups]
     keep = max(0, args.panel_images)
     metrics, kept = seg_metrics.evaluate(model, val_ds, val.num_classes, val.class_names,
-                                         keep=keep, verbose=1 if verbose == 1 else 0)
+                                         keep=keep, verbose=1 if verbose == 1 else 0,
+                                         distributed=args.tf_strategy is not None)
 
     skipped = (int(model.peft_skipped_steps)
                if keras_peft.is_wrapped(model) and args.skip_nonfinite else None)
@@ -1165,6 +1174,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.experiment:
         return run_experiment(args)
+    args.tf_strategy = _distribution.make(args.distribution, args.batch_size)
     train, val = load_splits(args)
     lo, hi = args.train_slice
     if lo is not None or hi is not None or args.train_examples is not None:

@@ -13,6 +13,7 @@ import importlib
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from keras_peft.adapters.config import AdapterConfig
 from keras_peft.adapters.kinds import KINDS, UnsupportedLayerError
@@ -147,6 +148,29 @@ class ema_overwrite_off:  # a context manager, named like a function
 
     def __exit__(self, *exc):
         self.optimizer.ema_overwrite_frequency = self.frequency
+
+
+def symbolic_build(model, keras_build, iterator=None, data_batch=None):
+    """Keras' `_maybe_symbolic_build` (private, Keras 3 on TensorFlow), from a local batch.
+
+    Under a distribution strategy Keras builds the model and metrics from the first
+    batch before `fit`, `evaluate` and `predict`, reducing the batch's per-replica
+    parts with a MEAN: that fails on a bool input (keras-hub's `padding_mask`: no
+    `AddN` for bool) and averages integer ids. Building needs shapes only, so this
+    takes the same first batch and builds from the first replica's part.
+    """
+    strategy = getattr(model, "_distribute_strategy", None)
+    if strategy is None or iterator is None:
+        return keras_build(iterator=iterator, data_batch=data_batch)
+    for _, _, it in iterator:  # the epoch iterator: as Keras takes its first batch
+        batch = next(it)
+        break
+    else:
+        return keras_build(data_batch=data_batch)
+    local = tf.nest.map_structure(
+        lambda v: strategy.experimental_local_results(v)[0]
+        if isinstance(v, tf.distribute.DistributedValues) else v, batch)
+    return keras_build(data_batch=local)
 
 
 def is_keras3_model(model) -> bool:

@@ -103,6 +103,11 @@ class Keras3PeftModel(PeftModel, backend=keras3.NAME):
         logs[nonfinite.LOG_KEY] = guard.skipped.read_value() if skipped is None else skipped
         return logs
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras' TensorFlow trainer overrides this private method; so does this mixin, for
+        # fit/evaluate/predict under a tf.distribute strategy: see keras3.symbolic_build.
+        return keras3.symbolic_build(self, super()._maybe_symbolic_build, iterator, data_batch)
+
     def make_train_function(self, force=False):
         # Ours checks the signature at every step; Keras' own (set by a
         # compile() after wrap) is replaced.
