@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -72,14 +73,21 @@ class ChangeRules(tf_keras.callbacks.Callback):
 
 
 class Epochs(tf_keras.callbacks.Callback):
-    """The epochs this `fit` ran (a resumed one starts after the backup's)."""
+    """The epochs this `fit` ran (a resumed one starts after the backup's), and the wall
+    time of each step."""
 
     def __init__(self):
         super().__init__()
-        self.seen = []
+        self.seen, self.step_seconds = [], []
 
     def on_epoch_begin(self, epoch, logs=None):
         self.seen.append(epoch)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step_seconds.append(time.perf_counter() - self._start)
 
 
 class Crash(tf_keras.callbacks.Callback):
@@ -119,6 +127,8 @@ def run(strategy, name, distributed: bool):
     model.fit(data, epochs=epochs, steps_per_epoch=STEPS, verbose=0,
               callbacks=[*callbacks, epochs_run])
     weights = {v.name: v.numpy() for v in model.weights}
+    later = epochs_run.step_seconds[1:]  # the first step traces
+    model.step_ms_median = 1000 * float(np.median(later)) if later else None
     return model, weights, {
         "frozen_identical": {n: bool(np.array_equal(weights[n], initial[n])) for n in frozen},
         "decisions": len(keras_peft.decisions(model)),
@@ -131,11 +141,13 @@ def main():
     names = ["backup"] if CRASH_AT is not None else list(SCENARIOS)
     for name in names:
         model, mirrored, facts = run(STRATEGY, name, distributed=True)
-        _, single, single_facts = run(tf.distribute.OneDeviceStrategy("/cpu:0"), name, False)
+        one, single, single_facts = run(tf.distribute.OneDeviceStrategy("/cpu:0"), name, False)
         digest = hashlib.sha256(b"".join(mirrored[n].tobytes() for n in sorted(mirrored)))
         results[name] = {
             "max_abs_diff": max(float(np.abs(mirrored[n] - single[n]).max()) for n in single),
-            "checksum": digest.hexdigest(), "mirrored": facts, "single": single_facts}
+            "checksum": digest.hexdigest(), "mirrored": facts, "single": single_facts,
+            "step_ms_median": {"two_workers": model.step_ms_median,
+                               "one_device": one.step_ms_median}}
         if name == "lora":
             x = np.random.default_rng(1).normal(size=(8, 4)).astype("float32")
             predicted = model.predict(x, verbose=0)  # on both workers: predict is collective
