@@ -234,9 +234,10 @@ def lora(
         BlockInferenceError: the head cannot be told apart; pass `block_names`.
         ValueError: an invalid option; an unbuilt model; a matched layer that
             already has an adapter of that name (or Keras' own LoRA), or that
-            cannot have it (a weight constraint, a
-            quantized layer, an `EinsumDense` equation without separate input
-            and output axes), or that is frozen with `layer.trainable = False`.
+            cannot have it (a weight constraint, a layer quantized to
+            anything but int8, `init="pissa"` on an int8 one, an `EinsumDense`
+            equation without separate input and output axes), or that is
+            frozen with `layer.trainable = False`.
 
     Example:
 
