@@ -113,18 +113,24 @@ __all__ = [
 # Frozen-prefix activation caching (keras_peft.caching).
 from keras_peft.caching import (
     CachedPrefix,
+    CacheStep,
     NondeterministicDataError,
     NondeterministicPrefixError,
+    NothingFrozenError,
     PrefixError,
     PrefixSplit,
     cache_prefix,
+    fit_cached,
     split_prefix,
 )
 
 __all__ += [
     "cache_prefix",
+    "fit_cached",
     "split_prefix",
     "CachedPrefix",
+    "CacheStep",
+    "NothingFrozenError",
     "PrefixSplit",
     "NondeterministicDataError",
     "NondeterministicPrefixError",

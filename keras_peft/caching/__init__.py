@@ -15,7 +15,8 @@ The modules, in import order:
 - `split`: choosing and building the split (`split_prefix`, `PrefixSplit`);
 - `data`: the data as a dataset, and the check that it draws no random numbers;
 - `storage`: the prefix outputs in memory or on disk;
-- `cache`: `cache_prefix`, the checks that caching is correct, and `CachedPrefix`.
+- `cache`: `cache_prefix`, the checks that caching is correct, and `CachedPrefix`;
+- `fit`: `fit_cached`, training that caches the frozen prefix as it grows.
 """
 
 from __future__ import annotations
@@ -24,16 +25,21 @@ from keras_peft.caching.cache import CachedPrefix, cache_prefix
 from keras_peft.caching.errors import (
     NondeterministicDataError,
     NondeterministicPrefixError,
+    NothingFrozenError,
     PrefixError,
 )
+from keras_peft.caching.fit import CacheStep, fit_cached
 from keras_peft.caching.split import PrefixSplit, split_prefix
 
 __all__ = [
+    "CacheStep",
     "CachedPrefix",
     "NondeterministicDataError",
     "NondeterministicPrefixError",
+    "NothingFrozenError",
     "PrefixError",
     "PrefixSplit",
     "cache_prefix",
+    "fit_cached",
     "split_prefix",
 ]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["NondeterministicDataError", "NondeterministicPrefixError", "PrefixError"]
+__all__ = ["NondeterministicDataError", "NondeterministicPrefixError", "NothingFrozenError",
+           "PrefixError"]
 
 
 class PrefixError(ValueError):
@@ -15,3 +16,7 @@ class NondeterministicPrefixError(PrefixError):
 
 class NondeterministicDataError(PrefixError):
     """The data pipeline draws random numbers (e.g. random augmentation)."""
+
+
+class NothingFrozenError(PrefixError):
+    """Nothing at the bottom of the model is frozen: there is no prefix to cache."""

@@ -24,11 +24,11 @@ import warnings
 import keras
 
 from keras_peft.backends import keras3
-from keras_peft.caching.errors import PrefixError
+from keras_peft.caching.errors import NothingFrozenError, PrefixError
 from keras_peft.caching.graph import Graph, replay
 from keras_peft.model import get_rules, is_wrapped, wrap
 
-__all__ = ["PrefixSplit", "copy_policy", "split_prefix"]
+__all__ = ["PrefixSplit", "copy_policy", "policy_for", "split_prefix"]
 
 
 class PrefixSplit:
@@ -134,6 +134,16 @@ class PrefixSplit:
                     paths.append(v.path)
         return paths
 
+    def prefix_variables(self) -> list:
+        """Every variable of the prefix's layers (trainable or not), each once."""
+        seen, variables = set(), []
+        for i in self._prefix_steps:
+            for v in self._graph.steps[i].weights():
+                if id(v) not in seen:
+                    seen.add(id(v))
+                    variables.append(v)
+        return variables
+
     def joined(self, inference_prefix: bool = True) -> keras.Model:
         """The prefix and the suffix joined again into one model, without caching.
 
@@ -179,16 +189,21 @@ class _InferenceMode(keras.layers.Layer):
         return self.inner.compute_output_spec(inputs)
 
 
-def copy_policy(source, target) -> None:
-    """Wraps `target` with the rules of `source` that match its variables (if wrapped)."""
-    if not is_wrapped(source):
-        return
+def policy_for(source, target) -> dict:
+    """The rules of wrapped `source` that match variables of `target` (in order)."""
     paths = [v.path for v in target.weights]
-    rules = {
+    return {
         pattern: rule
         for pattern, rule in get_rules(source).items()
         if any(re.fullmatch(pattern, p) for p in paths)
     }
+
+
+def copy_policy(source, target) -> None:
+    """Wraps `target` with the rules of `source` that match its variables (if wrapped)."""
+    if not is_wrapped(source):
+        return
+    rules = policy_for(source, target)
     if rules and not (is_wrapped(target) and get_rules(target) == rules):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # shadowed rules were reported for `source`
@@ -271,7 +286,7 @@ def _frozen_prefix(model, graph: Graph) -> set[int]:
             prefix |= graph.ancestors(steps[i].outputs)
     if not prefix:
         first = next((v.path for s in steps for v in s.trainable()), None)
-        raise PrefixError(
+        raise NothingFrozenError(
             f"Nothing at the bottom of model {model.name!r} is frozen, so there is no "
             f"prefix to cache (e.g. {first!r} trains). Freeze the bottom first, e.g. "
             "keras_peft.wrap(model, keras_peft.top_layers(model, 2))."
