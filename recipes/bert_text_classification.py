@@ -27,7 +27,10 @@ Strategies (`--strategy`, or `--compare a,b,c`): full, head_only,
 top_layers:K, bitfit, lora:RANK[:OPTION...], dora:RANK[...], pissa:RANK[...],
 llrd:DECAY, gradual[:STEPS], auto[:BUDGET], and the adaptive ones (changed
 during training from what it measures): autofreeze[:EVERY], lisa[:BLOCKS],
-plateau[:PATIENCE], rgn[:EVERY]. Adapters go on query and value
+plateau[:PATIENCE], rgn[:EVERY]. `+cache` after autofreeze, top_layers or
+head_only (e.g. `autofreeze+cache`) trains with `keras_peft.fit_cached`: what
+is frozen at the bottom is run once (in inference mode) and cached, and each
+later epoch trains only the rest. Adapters go on query and value
 unless `all-linear` is given; the options are in `--help` (e.g.
 `lora:8:all-linear:bias:norm`, `dora:8`, `lora:8:plus=16`).
 Each has a usual learning rate (`LEARNING_RATES`); `--learning-rate` overrides.
@@ -98,6 +101,9 @@ STRATEGIES = ("full", "head_only", "top_layers:K", "bitfit", "lora:RANK[:OPTION.
               "dora:RANK[:OPTION...]", "pissa:RANK[:OPTION...]", "llrd:DECAY",
               "gradual[:STEPS]", "auto[:BUDGET]", "autofreeze[:EVERY]", "lisa[:BLOCKS]",
               "plateau[:PATIENCE]", "rgn[:EVERY]")
+# `+cache` after one of these: train with keras_peft.fit_cached (the frozen bottom cached).
+CACHE_SUFFIX = "+cache"
+CACHEABLE = ("autofreeze", "top_layers", "head_only")
 # Adaptive strategies' settings, fixed before any result was seen: a decision
 # every 50 steps (AutoFreeze's window, LISA's period, Auto-RGN's re-estimation),
 # LISA trains 2 blocks at a time, a block unfreezes after 1 epoch without a
@@ -120,6 +126,7 @@ class Strategy:
     name: str
     arg: float | int | _common.LoraSpec | None
     spec: str
+    cache: bool = False  # `+cache`: trained with keras_peft.fit_cached
 
     @property
     def slug(self) -> str:
@@ -143,6 +150,14 @@ def parse_strategy(spec: str) -> Strategy:
     ValueError naming the choices."""
     spec = spec.strip()
     choices = ", ".join(STRATEGIES)
+    if spec.endswith(CACHE_SUFFIX):
+        strategy = parse_strategy(spec[: -len(CACHE_SUFFIX)])
+        if strategy.name not in CACHEABLE or strategy.cache:
+            raise ValueError(
+                f"Bad strategy {spec!r}: {CACHE_SUFFIX} caches a frozen bottom that only grows "
+                f"during training; give it to one of {', '.join(CACHEABLE)} (e.g. "
+                f"autofreeze{CACHE_SUFFIX}).")
+        return dataclasses.replace(strategy, spec=spec, cache=True)
     name, raw = _common.parse_strategy(
         spec, _ARGUMENTS, wording=_common.BERT_WORDING, choices=choices,
         hints={n: "2" if kind is int else "0.8" for n, kind in _KINDS.items()}
@@ -272,6 +287,16 @@ class StepTimer(_common.Timer):
             **{k: float(v) for k, v in logs.items() if k in ("loss", "accuracy", "val_loss",
                                                                "val_accuracy")},
         })
+
+    def add_cache_times(self, cache_steps) -> None:
+        """Adds the time `fit_cached` spent caching (at an epoch's start) to the training
+        time of that epoch and the later ones (they are cumulative)."""
+        for record in self.epochs:
+            done = [s for s in cache_steps if s.epoch < record["epoch"]]
+            record["train_time_s"] = round(record["train_time_s"]
+                                           + sum(s.seconds for s in done), 3)
+            record["train_cpu_s"] = round(record["train_cpu_s"]
+                                          + sum(s.cpu_seconds for s in done), 3)
 
     def on_train_batch_end(self, batch, logs=None):
         counted = self.steps
@@ -684,8 +709,16 @@ def run_strategy(strategy: Strategy, args, data: TextData, preset: str, pooling:
     timer = StepTimer(backup)
     load_before = _load_average()
     fit_start = time.perf_counter()
-    model.fit(train_ds, epochs=args.epochs, callbacks=[*callbacks, timer], verbose=args.verbose,
-              validation_data=val_ds if args.epochs > 1 else None, shuffle=False)
+    fit_args = dict(epochs=args.epochs, callbacks=[*callbacks, timer], verbose=args.verbose,
+                    validation_data=val_ds if args.epochs > 1 else None)
+    cache_steps = None
+    if strategy.cache:  # the frozen bottom (dropout off) cached as it grows
+        history = keras_peft.fit_cached(model, train_ds, batch_size=args.batch_size,
+                                        inference_prefix=True, **fit_args)
+        cache_steps = json.loads(json.dumps([dataclasses.asdict(s) for s in history.cache_steps]))
+        timer.add_cache_times(history.cache_steps)
+    else:
+        model.fit(train_ds, shuffle=False, **fit_args)
     train_time = time.perf_counter() - fit_start
     load_after = _load_average()
     val_loss, val_accuracy = model.evaluate(val_ds, verbose=0)
@@ -714,6 +747,7 @@ def run_strategy(strategy: Strategy, args, data: TextData, preset: str, pooling:
         **steps,
         "epochs": timer.epochs,
         "decisions": list(end.decisions),
+        "prefix_cache": cache_steps,
         "resumed_at": list(backup.resumed_at) if backup and backup.resumed_at else None,
         "skipped_steps": int(model.peft_skipped_steps) if args.skip_nonfinite else None,
         "step_time_note": _STEP_TIME_NOTE,
@@ -900,6 +934,11 @@ def _strategies(args) -> list[Strategy]:
         raise SystemExit(f"error: a strategy is named twice in {specs}")
     for strategy in strategies:
         _check_adapter_strategy(strategy, args)
+        if strategy.cache and (args.resume or args.distribution != "none"):
+            raise SystemExit(
+                f"error: --strategy {strategy.spec} trains with keras_peft.fit_cached, which "
+                f"cannot {'resume' if args.resume else 'run under --distribution'}; drop "
+                f"{'--resume' if args.resume else '--distribution'} or {CACHE_SUFFIX}.")
     return strategies
 
 

@@ -85,6 +85,14 @@ def test_parse_strategy(spec, expected):
     strategy = recipe.parse_strategy(spec)
     assert (strategy.name, strategy.arg) == expected
     assert ":" not in strategy.slug
+    assert not strategy.cache
+
+
+def test_parse_strategy_with_cache():
+    strategy = recipe.parse_strategy("autofreeze:25+cache")
+    assert (strategy.name, strategy.arg, strategy.cache) == ("autofreeze", 25, True)
+    assert strategy.slug == "autofreeze-25+cache"
+    assert recipe.parse_strategy("top_layers:2+cache").cache
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -95,6 +103,9 @@ def test_parse_strategy(spec, expected):
     ("bitfit:3", r"bitfit takes no argument"),
     ("prefix", r"unknown name 'prefix'. Choose from: full, head_only, top_layers:K"),
     ("top_layers:-1", r"-1 is out of range"),
+    ("lisa+cache", r"\+cache caches a frozen bottom that only grows during training; give it "
+                   r"to one of autofreeze, top_layers, head_only"),
+    ("autofreeze+cache+cache", r"give it to one of autofreeze"),
 ])
 def test_parse_strategy_errors(spec, message):
     with pytest.raises(ValueError, match=message):
@@ -364,6 +375,30 @@ def test_adaptive_strategies_record_their_decisions_and_epochs(tiny_preset, sent
     assert [(d["action"], len(d["groups"])) for d in lisa["decisions"]] == [("sample", 1)]
     assert lisa["adaptive"] == {"every_steps": 50, "num_blocks": 1}
     assert lisa["trainable_params_end"] < lisa["trainable_params"]
+
+
+def test_cached_strategy_trains_on_the_cache_and_counts_its_time(tiny_preset, sentiment_file,
+                                                                  tmp_path):
+    argv = ["--preset", tiny_preset, "--data", sentiment_file, "--pooling", "mean",
+            "--sequence-length", "12", "--batch-size", "8", "--no-xla", "--epochs", "3",
+            "--output-dir", str(tmp_path / "out"), "--verbose", "0", "--no-save-delta"]
+    result = recipe.main([*argv, "--strategy", "top_layers:1+cache"])
+    # Frozen from the start: the embeddings and block 0 are cached before epoch 1.
+    (step,) = result["prefix_cache"]
+    assert step["epoch"] == 0 and "transformer_layer_0" in step["prefix_layers"]
+    assert step["cut"] == ["padding_mask", "transformer_layer_0"]
+    assert step["num_examples"] == 8 * len(result["step_times_s"]) // 3
+    # The caching time is training time: in every epoch's cumulative time.
+    epochs = result["epochs"]
+    assert epochs[0]["train_time_s"] == pytest.approx(
+        sum(result["step_times_s"][:len(result["step_times_s"]) // 3]) + step["seconds"],
+        abs=0.01)
+    assert [e["epoch"] for e in epochs] == [1, 2, 3] and all("val_accuracy" in e for e in epochs)
+    assert result["val_accuracy"] == pytest.approx(epochs[-1]["val_accuracy"])
+    for flag in ("--resume", "--distribution"):
+        extra = [flag, str(tmp_path / "backup")] if flag == "--resume" else [flag, "mirrored"]
+        with pytest.raises(SystemExit, match="fit_cached, which cannot"):
+            recipe.main([*argv, "--strategy", "autofreeze+cache", *extra])
 
 
 def test_quantize_int8_trains_float_adapters_on_int8_kernels(tiny_preset, sentiment_file,

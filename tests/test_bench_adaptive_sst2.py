@@ -1,0 +1,79 @@
+"""bench/adaptive_sst2.py: the time-to-accuracy table from finished runs (no training)."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _study():
+    path = os.path.join(ROOT, "bench", "adaptive_sst2.py")
+    spec = importlib.util.spec_from_file_location("adaptive_sst2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(config, accuracies, times, cpu=None, trainable_end=100):
+    epochs = [{"epoch": i + 1, "val_accuracy": a, "train_time_s": t,
+               "train_cpu_s": (cpu or times)[i]} for i, (a, t) in enumerate(zip(accuracies,
+                                                                              times))]
+    return {"strategy": config, "val_accuracy": accuracies[-1], "epochs": epochs,
+            "trainable_params_end": trainable_end}
+
+
+def test_time_to_accuracy_uses_full_fine_tunings_mean_minus_half_a_point(tmp_path):
+    study = _study()
+    full = [_run("full", [0.86, 0.875, 0.88], [100, 200, 300]),
+            _run("full", [0.85, 0.87, 0.89], [110, 220, 330]),
+            _run("full", [0.86, 0.88, 0.87], [90, 180, 270])]
+    cached = [_run("autofreeze+cache", [0.87, 0.876, 0.878], [60, 90, 120], cpu=[61, 92, 124]),
+              _run("autofreeze+cache", [0.86, 0.874, 0.88], [55, 85, 115]),
+              _run("autofreeze+cache", [0.87, 0.88, 0.881], [50, 80, 110])]
+    lisa = [_run("lisa", [0.8, 0.82, 0.84], [70, 140, 210])]
+    for seed in range(3):
+        for config, runs in (("full", full), ("autofreeze+cache", cached), ("lisa", lisa)):
+            if seed < len(runs):
+                folder = tmp_path / f"seed-{seed}" / study.slug(config)
+                folder.mkdir(parents=True)
+                (folder / "results.json").write_text(json.dumps(runs[seed]))
+    runs = study.finished(str(tmp_path), [0, 1, 2], ["full", "autofreeze+cache", "lisa", "rgn"])
+    assert list(runs) == ["full", "autofreeze+cache", "lisa"]
+    rows, target = study.table(runs)
+    assert target == pytest.approx((0.88 + 0.89 + 0.87) / 3 - 0.005)  # 0.875
+    by = {r["config"]: r for r in rows}
+    # full: seed 0 reaches 0.875 at epoch 2 (200 s), seed 1 at epoch 3 (330), seed 2 at 2 (180)
+    assert by["full"]["reached"] == 3
+    assert by["full"]["wall_s_mean"] == pytest.approx((200 + 330 + 180) / 3)
+    # cached: epoch 2 (90), epoch 3 (115), epoch 2 (80); CPU of seed 0 is its own column
+    assert by["autofreeze+cache"]["wall_s_mean"] == pytest.approx((90 + 115 + 80) / 3)
+    assert by["autofreeze+cache"]["cpu_s_mean"] == pytest.approx((92 + 115 + 80) / 3)
+    assert by["autofreeze+cache"]["wall_vs_full"] == pytest.approx(285 / 710)
+    assert by["lisa"]["reached"] == 0 and by["lisa"]["wall_s_mean"] is None
+    text = study.markdown(rows, target)
+    assert "| lisa | 1 | 0.8400 ± 0.0000 | 0 of 1 | - | - |" in text
+    assert "Goal (autofreeze+cache reaches the target in at most 0.5x the time of full " \
+           "fine-tuning): met (wall time 0.40x full's)." in text
+    # One seed fewer: not judged.
+    rows, target = study.table({"full": full, "autofreeze+cache": cached[:2]})
+    assert "not judged yet" in study.markdown(rows, target)
+    # --summarize writes the table beside the runs and trains nothing.
+    assert "| full | 3 |" in study.summarize(str(tmp_path), [0, 1, 2], ["full", "lisa"])
+    assert (tmp_path / "summary.md").exists() and (tmp_path / "summary.json").exists()
+    with pytest.raises(SystemExit, match="no finished run"):
+        study.summarize(str(tmp_path / "empty"), [0], ["full"])
+
+
+def test_each_run_is_the_recipe_with_the_studys_settings():
+    study = _study()
+    argv = study.command(1, "autofreeze+cache", "/out", "/data/train.tsv")
+    assert argv[1].endswith(os.path.join("recipes", "bert_text_classification.py"))
+    assert argv[2:] == ["--data", "/data/train.tsv", "--strategy", "autofreeze+cache",
+                        "--seed", "1", "--output-dir", os.path.join("/out", "seed-1"),
+                        "--max-examples", "8000", "--max-validation-examples", "4000",
+                        "--epochs", "3", "--no-save-delta"]
+    assert study.result_path("/out", 1, "top_layers:2") == os.path.join(
+        "/out", "seed-1", "top_layers-2", "results.json")
