@@ -72,9 +72,17 @@ import keras_peft
 
 DEFAULT_DATA = "tfds:oxford_iiit_pet"
 EXPERIMENT_STRATEGIES = ("none,full,surgical,surgical:stem+0,surgical:-2+-1,decoder,bitfit,"
-                         "norm_tuning,lora:4,auto")
+                         "norm_tuning,lora:4,auto,autofreeze,lisa,plateau,rgn")
+ADAPTIVE = ("autofreeze", "lisa", "plateau", "rgn")
 STRATEGY_NAMES = ("none", "full", "decoder", "head_only", "surgical", "top_layers", "bitfit",
-                  "norm_tuning", "llrd", "lora", "dora", "pissa", "auto")
+                  "norm_tuning", "llrd", "lora", "dora", "pissa", "auto", *ADAPTIVE)
+# The adaptive strategies' settings, fixed before any result was seen, for the
+# experiment's 40 adaptation steps (4 epochs of 10): AutoFreeze compares windows of 5
+# steps, LISA trains 2 encoder blocks for 10 steps at a time, Auto-RGN re-estimates
+# every 10 steps, and a block unfreezes after 1 epoch without a lower training loss
+# (adaptation has no validation data).
+ADAPTIVE_DEFAULTS = {"autofreeze": 5, "lisa": 2, "plateau": 1, "rgn": 10}
+LISA_EVERY = 10
 
 
 # ------------------------------------------------------------------- options
@@ -141,7 +149,9 @@ def _add_training_options(p) -> None:
     g.add_argument("--strategy", default="full",
                    help="none, full (default), decoder, head_only, surgical[:B+B...], "
                    "top_layers:K, bitfit, norm_tuning, llrd:DECAY, lora:RANK[:OPTION...], "
-                   f"dora:RANK, pissa:RANK, auto[:BUDGET]. Adapters: {_common.LORA_HELP} "
+                   "dora:RANK, pissa:RANK, auto[:BUDGET], and the adaptive ones: "
+                   "autofreeze[:EVERY], lisa[:BLOCKS], plateau[:PATIENCE], rgn[:EVERY]. "
+                   f"Adapters: {_common.LORA_HELP} "
                    "(default layers: the encoder's convolutions)")
     g.add_argument("--compare", default=None,
                    help="comma-separated strategies to run on the same data")
@@ -273,7 +283,8 @@ def _check_args(parser, args):
 _ARGUMENTS = {name: _common.NO_ARG for name in STRATEGY_NAMES}
 _ARGUMENTS.update(top_layers=_common.NEEDS_ARG, llrd=_common.NEEDS_ARG, lora=_common.NEEDS_ARG,
                   dora=_common.NEEDS_ARG, pissa=_common.NEEDS_ARG,
-                  surgical=_common.OPTIONAL_ARG, auto=_common.OPTIONAL_ARG)
+                  surgical=_common.OPTIONAL_ARG, auto=_common.OPTIONAL_ARG,
+                  **{name: _common.OPTIONAL_ARG for name in ADAPTIVE})
 
 
 def parse_strategy(spec: str) -> tuple[str, str | None]:
@@ -283,6 +294,9 @@ def parse_strategy(spec: str) -> tuple[str, str | None]:
                "pissa": "RANK"})
     if name in _common.LORA_NAMES:
         _common.parse_lora(name, arg)  # a bad option fails here, before any work
+    if name in ADAPTIVE and arg is not None and not (arg.isdigit() and int(arg) >= 1):
+        raise ValueError(f"Bad strategy {spec!r}: {name} takes a whole number >= 1 "
+                         f"(e.g. {name}:{ADAPTIVE_DEFAULTS[name]}), not {arg!r}.")
     return name, arg
 
 
@@ -333,6 +347,15 @@ def strategy_rules(model, spec: str, train_ds=None):
         where = "every linear layer" if spec.all_linear else "the encoder's convolutions"
         return (spec.rules(model, _encoder_conv_targets(model)),
                 f"{spec.describe()} on {where}, and the head")
+    if name in ADAPTIVE:
+        value = int(arg) if arg else ADAPTIVE_DEFAULTS[name]
+        if name == "rgn":  # Auto-RGN's scales measured before training, re-estimated during it
+            result = keras_peft.auto(model, train_ds, loss=_loss(), num_batches=4, verbose=0)
+            return result.rules, f"Auto-RGN lr scales re-estimated every {value} steps"
+        what = {"autofreeze": f"AutoFreeze, windows of {value} steps",
+                "lisa": f"LISA, {value} encoder blocks at a time for {LISA_EVERY} steps",
+                "plateau": f"unfreezing on a plateau of the training loss, patience {value}"}
+        return keras_peft.full(model), what[name]
     # auto
     budget = None
     if arg:
@@ -340,6 +363,22 @@ def strategy_rules(model, spec: str, train_ds=None):
     result = keras_peft.auto(model, train_ds, loss=_loss(), num_batches=4, budget=budget,
                              verbose=0)
     return result.rules, "Auto-RGN lr scales" + (f", budget {arg}" if budget else "")
+
+
+def strategy_callbacks(spec: str, verbose: int = 0) -> list:
+    """The callback of an adaptive strategy (an empty list for the others)."""
+    name, arg = parse_strategy(spec)
+    if name not in ADAPTIVE:
+        return []
+    value = int(arg) if arg else ADAPTIVE_DEFAULTS[name]
+    if name == "autofreeze":
+        return [keras_peft.AutoFreeze(every_steps=value, verbose=verbose)]
+    if name == "lisa":
+        return [keras_peft.LayerwiseSampling(num_blocks=value, every_steps=LISA_EVERY,
+                                             verbose=verbose)]
+    if name == "plateau":
+        return [keras_peft.UnfreezeOnPlateau("loss", patience=value, verbose=verbose)]
+    return [keras_peft.AdaptiveRGN(every_steps=value, verbose=verbose)]
 
 
 def set_batchnorm_modes(model, bn_train: bool) -> dict:
@@ -552,27 +591,30 @@ def _run_datasets(args, train, val, crop):
     return train_ds, val_ds
 
 
-def _train(args, model, strategy, rules, description, train_ds, *, steps, timer, jit, say):
-    """Wraps `model` with `rules` and fits it; returns the BatchNorm modes and the history."""
+def _train(args, model, strategy, rules, description, train_ds, *, steps, timer, jit, say,
+           callbacks=()):
+    """Wraps `model` with `rules` and fits it; returns the BatchNorm modes, the history and
+    the number of parameters that trained at the start (adaptive strategies change it)."""
     bn = {"frozen_layers_mode": None, "frozen": [], "training": [], "_layers": []}
     history = {}
     if rules is None:
         say(f"Strategy {strategy}: {description}.")
-        return bn, history
+        return bn, history, 0
     keras_peft.wrap(model, rules, skip_nonfinite=args.skip_nonfinite)
     bn = set_batchnorm_modes(model, args.bn_train)
     say(f"Strategy {strategy}: {description}.")
     say(format_groups(group_table(model)))
-    say(keras_peft.report(model).summary())
+    start = keras_peft.report(model)
+    say(start.summary())
     say(describe_batchnorm(bn))
     model.compile(optimizer=keras.optimizers.Adam(args.learning_rate), loss=_loss(),
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
                   jit_compile=jit)
     if args.epochs:
         fit = model.fit(train_ds, epochs=args.epochs, steps_per_epoch=steps,
-                        callbacks=[timer], verbose=args.verbose)
+                        callbacks=[*callbacks, timer], verbose=args.verbose)
         history = {k: [float(x) for x in v] for k, v in fit.history.items()}
-    return bn, history
+    return bn, history, start.trainable_params
 
 
 def _save_model_and_panel(model, bn, output_dir, *, save_checkpoint, keep, kept, metrics,
@@ -645,8 +687,10 @@ def run_one(args, strategy: str, train, val, output_dir: str, *, tag: str = "",
         rules, description = strategy_rules(model, strategy, train_ds)
         steps = args.steps_per_epoch or max(1, math.ceil(len(train) / args.batch_size))
         timer = _common.make_timer(per="batch")  # mean(): steps after the first (it traces)
-        bn, history = _train(args, model, strategy, rules, description, train_ds, steps=steps,
-                             timer=timer, jit=jit, say=say)
+        bn, history, trained_start = _train(
+            args, model, strategy, rules, description, train_ds, steps=steps,
+            timer=timer, jit=jit, say=say,
+            callbacks=strategy_callbacks(strategy, verbose=1 if verbose else 0))
     memory = {**peak_memory(), "held_before_mib": held_before}  # evaluation comes next
     report = keras_peft.report(model)
     groups = group_table(model)
@@ -666,7 +710,10 @@ def run_one(args, strategy: str, train, val, output_dir: str, *, tag: str = "",
     result = {
         "strategy": strategy,
         "description": description,
-        "trainable_params": report.trainable_params if rules is not None else 0,
+        "trainable_params": trained_start,
+        # adaptive strategies change what trains during fit: what trained at the end, and why
+        "trainable_params_end": report.trainable_params if rules is not None else 0,
+        "decisions": list(report.decisions),
         "total_params": report.total_params,
         "groups": groups,
         "batchnorm": {k: v for k, v in bn.items() if not k.startswith("_")},
@@ -807,7 +854,7 @@ def plan_strategies(model, strategies) -> dict:
     plan, seen = {}, {}
     for spec in strategies:
         name, _ = parse_strategy(spec)
-        if name in ("none", "auto", "llrd"):
+        if name in ("none", "auto", "llrd", *ADAPTIVE):
             plan[spec] = {"status": "run"}
             continue
         fresh = type(model).from_config(model.get_config())

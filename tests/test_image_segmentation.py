@@ -502,6 +502,35 @@ def test_main_trains_writes_outputs_and_chains_with_init(tmp_path):
     assert "| none | 0 |" in table and "| surgical |" in table
 
 
+def test_adaptive_strategies_are_experiment_candidates_with_their_callbacks(tmp_path):
+    assert set(recipe.ADAPTIVE) <= set(recipe.EXPERIMENT_STRATEGIES.split(","))
+    expected = {"autofreeze": (keras_peft.AutoFreeze, {"every_steps": 5}),
+                "lisa:3": (keras_peft.LayerwiseSampling, {"num_blocks": 3, "every_steps": 10}),
+                "plateau": (keras_peft.UnfreezeOnPlateau, {"monitor_name": "loss",
+                                                           "patience": 1}),
+                "rgn:4": (keras_peft.AdaptiveRGN, {"every_steps": 4})}
+    for spec, (kind, settings) in expected.items():
+        (callback,) = recipe.strategy_callbacks(spec)
+        assert isinstance(callback, kind)
+        assert {k: getattr(callback, k) for k in settings} == settings
+    assert recipe.strategy_callbacks("full") == []
+    with pytest.raises(ValueError, match="lisa takes a whole number >= 1"):
+        recipe.parse_strategy("lisa:two")
+    folder = str(tmp_path / "data")
+    _write_folder(folder)
+    out = recipe.main(["--data", folder, "--image-size", "32", "--backbone", "resnet_tiny",
+                       "--batch-size", "4", "--verbose", "0", "--epochs", "2",
+                       "--steps-per-epoch", "3", "--panel-images", "0",
+                       "--compare", "lisa:1,autofreeze:1", "--output-dir", str(tmp_path / "o")])
+    lisa, autofreeze = out["results"]
+    # LISA draws one block of the encoder's 5 for the 6 steps (a draw every 10).
+    assert [(d["action"], len(d["groups"])) for d in lisa["decisions"]] == [("sample", 1)]
+    assert lisa["trainable_params_end"] < lisa["trainable_params"]
+    assert all(d["action"] == "freeze" for d in autofreeze["decisions"])
+    assert (autofreeze["trainable_params_end"] < autofreeze["trainable_params"]) == bool(
+        autofreeze["decisions"])
+
+
 def test_crop_size_must_fit_the_encoder_stride(tmp_path):
     with pytest.raises(ValueError, match="multiple of the encoder's stride"):
         recipe.main(["--data", "synthetic", "--max-examples", "4", "--image-size", "32",
