@@ -23,6 +23,7 @@ time to it over those seeds, also as a ratio to full fine-tuning's.
     python bench/adaptive_sst2.py --seeds 0 --configs full,autofreeze+cache
     python bench/adaptive_sst2.py --run --seed 0 --config lisa    # one run
     python bench/adaptive_sst2.py --summarize      # the table from the runs that finished
+    python bench/adaptive_sst2.py --chart docs/assets/adaptive_decisions.png --seed 0
 """
 
 from __future__ import annotations
@@ -162,6 +163,98 @@ def markdown(rows: list[dict], target: float | None) -> str:
                    f"fine-tuning): {verdict}.\n")
 
 
+CHARTED = ("autofreeze", "autofreeze+cache", "lisa", "plateau")  # decisions change what trains
+
+
+def block_timelines(result: dict, blocks: list[str]) -> dict[str, list[tuple[int, int, bool]]]:
+    """Per block, `(first step, last step, trains)` spans from a run's decisions.
+
+    AutoFreeze's `freeze` freezes its groups from the step after the decision;
+    LISA's `sample` makes its groups the middle blocks that train (the others
+    are frozen, the stem trains); `unfreeze` (UnfreezeOnPlateau, which starts
+    with every block frozen) unfreezes its groups.
+    """
+    steps = len(result.get("step_times_s") or []) or 1
+    decisions = result.get("decisions") or []
+    plateau = any(d["action"] == "unfreeze" for d in decisions)
+    state = {b: not plateau for b in blocks}
+    changes = [(0, dict(state))]
+    for d in decisions:
+        if d["action"] == "freeze":
+            state.update({g: False for g in d["groups"]})
+        elif d["action"] == "unfreeze":
+            state.update({g: True for g in d["groups"]})
+        elif d["action"] == "sample":
+            state.update({b: b == "stem" or b in d["groups"] for b in blocks})
+        else:
+            continue
+        changes.append((d["step"] + 1, dict(state)))
+    spans = {b: [] for b in blocks}
+    for i, (start, states) in enumerate(changes):
+        end = changes[i + 1][0] - 1 if i + 1 < len(changes) else steps - 1
+        if end < start:
+            continue
+        for b in blocks:
+            last = spans[b][-1] if spans[b] else None
+            if last and last[2] == states[b] and last[1] == start - 1:
+                spans[b][-1] = (last[0], end, states[b])
+            else:
+                spans[b].append((start, end, states[b]))
+    return spans
+
+
+def decision_chart(results: dict[str, dict], path: str, blocks: list[str], title: str) -> str:
+    """One panel per run: which blocks trained (dark) or were frozen (light) at each step,
+    epoch boundaries, and for `+cache` runs what was cached from which epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 1, figsize=(9, 1.0 + 1.45 * len(results)),
+                             sharex=True, squeeze=False)
+    for ax, (config, result) in zip(axes[:, 0], results.items()):
+        spans = block_timelines(result, blocks)
+        for row, block in enumerate(blocks):
+            for start, end, trains in spans[block]:
+                ax.broken_barh([(start, end - start + 1)], (row - 0.4, 0.8),
+                               color="#2b6cb0" if trains else "#d6dde6")
+        per_epoch = len(result["step_times_s"]) // max(1, len(result["epochs"]))
+        for e in range(1, len(result["epochs"])):
+            ax.axvline(e * per_epoch, color="black", lw=0.8, ls=":")
+        for step in result.get("prefix_cache") or []:
+            layers = [n for n in step["prefix_layers"] if n in blocks or
+                      n.startswith("transformer_layer_")]
+            ax.annotate(f"cached up to {layers[-1] if layers else step['cut'][-1]}",
+                        (step["epoch"] * per_epoch, len(blocks) - 0.5), fontsize=7,
+                        xytext=(3, 2), textcoords="offset points", va="bottom")
+        accuracy = ", ".join(f"{e['val_accuracy']:.3f}" for e in result["epochs"])
+        ax.set_title(f"{config}: held-out accuracy after each epoch {accuracy}", fontsize=9,
+                     loc="left")
+        ax.set_yticks(range(len(blocks)), [b.replace("transformer_layer_", "layer ")
+                                            for b in blocks], fontsize=7)
+        ax.set_ylim(-0.6, len(blocks) + 0.4)
+    axes[-1, 0].set_xlabel("training step (dark: the block trains; light: frozen; "
+                           "dotted: epoch ends)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def chart(out: str, seed: int, path: str) -> str:
+    runs = {c: r[0] for c, r in finished(out, [seed], CHARTED).items()}
+    if not runs:
+        raise SystemExit(f"error: no finished run of {', '.join(CHARTED)} for seed {seed}")
+    depth = 1 + max((int(n.rsplit("_", 1)[1]) for r in runs.values()
+                     for d in r.get("decisions") or [] for n in d["groups"]
+                     if n.startswith("transformer_layer_")), default=5)
+    blocks = ["stem", *(f"transformer_layer_{i}" for i in range(max(depth, 6)))]
+    return decision_chart(runs, path, blocks, f"Decisions of the adaptive callbacks, "
+                          f"all-MiniLM-L6-v2 on 8,000 SST-2 phrases, seed {seed}")
+
+
 def summarize(out: str, seeds, configs) -> str:
     runs = finished(out, seeds, configs)
     if not runs:
@@ -186,9 +279,14 @@ def main(argv=None) -> None:
     p.add_argument("--config", default=None)
     p.add_argument("--summarize", action="store_true",
                    help="train nothing: the table from the runs that finished under --out")
+    p.add_argument("--chart", metavar="PNG", default=None,
+                   help="train nothing: draw the decisions of --seed's adaptive runs to PNG")
     args, extra = p.parse_known_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     configs = args.configs.split(",")
+    if args.chart:
+        print(chart(args.out, args.seed, args.chart))
+        return
     if args.run:
         if not args.config:
             raise SystemExit("error: --run needs --config CONFIG (and --seed S)")

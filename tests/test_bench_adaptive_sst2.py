@@ -77,3 +77,35 @@ def test_each_run_is_the_recipe_with_the_studys_settings():
                         "--epochs", "3", "--no-save-delta"]
     assert study.result_path("/out", 1, "top_layers:2") == os.path.join(
         "/out", "seed-1", "top_layers-2", "results.json")
+
+
+def test_decision_timelines_and_chart(tmp_path):
+    study = _study()
+    blocks = ["stem", "transformer_layer_0", "transformer_layer_1", "transformer_layer_2"]
+    epochs = [{"epoch": 1, "val_accuracy": 0.8}, {"epoch": 2, "val_accuracy": 0.85}]
+    autofreeze = {"step_times_s": [1.0] * 20, "epochs": epochs, "decisions": [
+        {"step": 4, "action": "freeze", "groups": ["stem", "transformer_layer_0"]},
+        {"step": 9, "action": "freeze", "groups": ["transformer_layer_1"]}],
+        "prefix_cache": [{"epoch": 1, "prefix_layers": ["token_embedding",
+                                                         "transformer_layer_1"],
+                          "cut": ["transformer_layer_1"]}]}
+    spans = study.block_timelines(autofreeze, blocks)
+    assert spans["stem"] == [(0, 4, True), (5, 19, False)]
+    assert spans["transformer_layer_1"] == [(0, 9, True), (10, 19, False)]
+    assert spans["transformer_layer_2"] == [(0, 19, True)]
+    lisa = {"step_times_s": [1.0] * 20, "epochs": epochs, "decisions": [
+        {"step": -1, "action": "sample", "groups": ["transformer_layer_1"]},
+        {"step": 9, "action": "sample", "groups": ["transformer_layer_0"]}]}
+    spans = study.block_timelines(lisa, blocks)
+    assert spans["stem"] == [(0, 19, True)]
+    assert spans["transformer_layer_0"] == [(0, 9, False), (10, 19, True)]
+    assert spans["transformer_layer_1"] == [(0, 9, True), (10, 19, False)]
+    plateau = {"step_times_s": [1.0] * 20, "epochs": epochs, "decisions": [
+        {"step": 9, "action": "unfreeze", "groups": ["transformer_layer_2"]}]}
+    spans = study.block_timelines(plateau, blocks)
+    assert spans["transformer_layer_2"] == [(0, 9, False), (10, 19, True)]
+    assert spans["stem"] == [(0, 19, False)]
+    pytest.importorskip("matplotlib")
+    path = study.decision_chart({"autofreeze+cache": autofreeze, "lisa": lisa},
+                                str(tmp_path / "chart.png"), blocks, "title")
+    assert os.path.getsize(path) > 1000
