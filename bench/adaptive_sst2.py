@@ -128,7 +128,20 @@ def table(runs: dict[str, list[dict]]) -> tuple[list[dict], float | None]:
     return rows, target
 
 
-def markdown(rows: list[dict], target: float | None) -> str:
+def machine(runs: dict[str, list[dict]]) -> str:
+    """Where the runs ran, and how busy the machine was (1-minute load before/after fit)."""
+    results = [r for rs in runs.values() for r in rs]
+    devices = sorted({"{kind} ({name}, {count})".format(**r["settings"]["device"])
+                      for r in results if r.get("settings", {}).get("device")})
+    loads = [x for r in results for x in (r.get("load_average_1min") or []) if x is not None]
+    text = f"Ran on: {', '.join(devices) or 'unknown'}"
+    if loads:
+        text += (f"; 1-minute load average before and after each run's training "
+                 f"{min(loads):.1f} to {max(loads):.1f}")
+    return text + "."
+
+
+def markdown(rows: list[dict], target: float | None, where: str = "") -> str:
     def num(value, fmt):
         return "-" if value is None else format(value, fmt)
 
@@ -144,7 +157,7 @@ def markdown(rows: list[dict], target: float | None) -> str:
             num(r["wall_s_mean"], ".0f"), num(r["cpu_s_mean"], ".0f"),
             num(r["wall_vs_full"], ".2f"), num(r["cpu_vs_full"], ".2f"),
             f"{r['total_wall_s_mean']:.0f}", f"{r['trainable_end_mean']:,.0f}"]) + " |")
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n" + (f"\n{where}\n" if where else "")
     if target is None:
         return text + "\nNo run of full fine-tuning has finished: no target yet.\n"
     text += (f"\nTarget: full fine-tuning's mean final accuracy minus {100 * MARGIN:.1f} points "
@@ -260,7 +273,7 @@ def summarize(out: str, seeds, configs) -> str:
     if not runs:
         raise SystemExit(f"error: no finished run under {out} for seeds {seeds}")
     rows, target = table(runs)
-    text = markdown(rows, target)
+    text = markdown(rows, target, machine(runs))
     _common.write_text(os.path.join(out, "summary.md"), text)
     _common.write_json(os.path.join(out, "summary.json"),
                        {"seeds": list(seeds), "configs": list(configs), "target": target,

@@ -22,7 +22,8 @@ def _run(config, accuracies, times, cpu=None, trainable_end=100):
                "train_cpu_s": (cpu or times)[i]} for i, (a, t) in enumerate(zip(accuracies,
                                                                               times))]
     return {"strategy": config, "val_accuracy": accuracies[-1], "epochs": epochs,
-            "trainable_params_end": trainable_end}
+            "trainable_params_end": trainable_end, "load_average_1min": [1.5, 2.3],
+            "settings": {"device": {"kind": "CPU", "name": "x86_64", "count": 2}}}
 
 
 def test_time_to_accuracy_uses_full_fine_tunings_mean_minus_half_a_point(tmp_path):
@@ -60,8 +61,11 @@ def test_time_to_accuracy_uses_full_fine_tunings_mean_minus_half_a_point(tmp_pat
     # One seed fewer: not judged.
     rows, target = study.table({"full": full, "autofreeze+cache": cached[:2]})
     assert "not judged yet" in study.markdown(rows, target)
-    # --summarize writes the table beside the runs and trains nothing.
-    assert "| full | 3 |" in study.summarize(str(tmp_path), [0, 1, 2], ["full", "lisa"])
+    # --summarize writes the table beside the runs, with the machine, and trains nothing.
+    summary = study.summarize(str(tmp_path), [0, 1, 2], ["full", "lisa"])
+    assert "| full | 3 |" in summary
+    assert ("Ran on: CPU (x86_64, 2); 1-minute load average before and after each run's "
+            "training 1.5 to 2.3.") in summary
     assert (tmp_path / "summary.md").exists() and (tmp_path / "summary.json").exists()
     with pytest.raises(SystemExit, match="no finished run"):
         study.summarize(str(tmp_path / "empty"), [0], ["full"])
