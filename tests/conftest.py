@@ -15,6 +15,17 @@ import numpy as np
 import pytest
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bench_module(name: str):
+    """bench/<name>.py, loaded by path (bench/ is scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_mlp(seed=0, name="mlp", widths=(8, 8)):

@@ -1,20 +1,15 @@
 """bench/adaptive_sst2.py: the time-to-accuracy table from finished runs (no training)."""
 
-import importlib.util
 import json
 import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import bench_module
 
 
 def _study():
-    path = os.path.join(ROOT, "bench", "adaptive_sst2.py")
-    spec = importlib.util.spec_from_file_location("adaptive_sst2", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("adaptive_sst2")
 
 
 def _run(config, accuracies, times, cpu=None, trainable_end=100):

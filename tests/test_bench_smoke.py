@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from tests.conftest import bench_module
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 RUN = os.path.join(ROOT, "bench", "run.py")
 
@@ -58,11 +60,7 @@ def test_quick_run_writes_the_table_and_counts_the_same_lora_variables(tmp_path)
 
 
 def _study():
-    path = os.path.join(ROOT, "bench", "adapters_sst2.py")
-    spec = importlib.util.spec_from_file_location("adapters_sst2", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("adapters_sst2")
 
 
 def test_adapter_study_judges_the_goal_only_on_three_seeds(tmp_path):
