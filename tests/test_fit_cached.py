@@ -217,3 +217,30 @@ def test_a_dataset_and_a_model_with_nothing_frozen_train_as_fit_does():
     assert history.cache_steps == []
     for a, b in zip(plain.weights, model.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6)
+
+
+def test_a_keras_applications_model_with_batchnorm_is_cached_in_inference_mode():
+    keras.utils.set_random_seed(0)
+    base = keras.applications.MobileNetV3Small(
+        input_shape=(32, 32, 3), weights=None, include_top=False, include_preprocessing=False)
+    inputs = keras.Input((32, 32, 3))
+    features = keras.layers.GlobalAveragePooling2D()(base(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(features))
+    keras_peft.wrap(model, keras_peft.top_layers(model, 60))  # the bottom blocks frozen
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    x = np.random.default_rng(0).random((32, 32, 32, 3), dtype="float32")
+    y = np.arange(32) % 3
+    # Frozen BatchNorm layers still normalise with batch statistics in fit: refused.
+    with pytest.raises(keras_peft.NondeterministicPrefixError, match="conv_bn"):
+        keras_peft.fit_cached(model, x, y, epochs=1, batch_size=16, verbose=0)
+    before = snapshot(model)
+    history = keras_peft.fit_cached(model, x, y, epochs=2, batch_size=16, verbose=0,
+                                    inference_prefix=True)
+    (step,) = history.cache_steps
+    assert step.epoch == 0 and "conv_bn" in step.prefix_layers
+    moved = changed(before, model)
+    # The cached part ran in inference mode: its BatchNorm statistics did not move.
+    cached = {v.path for v in model.weights
+              if v.path.split("/")[0] in step.prefix_layers}
+    assert cached and not moved & cached
+    assert "head/kernel" in moved
