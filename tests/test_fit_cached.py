@@ -188,6 +188,15 @@ def test_bad_arguments_get_clear_errors(tmp_path):
     backup = keras.callbacks.BackupAndRestore(str(tmp_path))
     with pytest.raises(ValueError, match="does not take BackupAndRestore"):
         keras_peft.fit_cached(model, x, y, callbacks=[backup])
+    # Data caching cannot check is refused before anything trains.
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="fit_cached takes arrays .* Received: x=generator"):
+        keras_peft.fit_cached(model, (b for b in [(x, y)]), verbose=0)
+    noisy = tf.data.Dataset.from_tensor_slices((x, y)).batch(16).map(
+        lambda a, b: (a + tf.random.normal(tf.shape(a)), b))
+    with pytest.raises(keras_peft.NondeterministicDataError, match="draws random numbers"):
+        keras_peft.fit_cached(model, noisy, verbose=0)
+    assert not changed(before, model)
     subclassed = _Subclassed()
     subclassed(x[:2])
     keras_peft.wrap(subclassed, {".*": Rule()})

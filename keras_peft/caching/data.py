@@ -20,7 +20,7 @@ import tensorflow as tf
 from keras_peft.backends import tf_data
 from keras_peft.caching.errors import NondeterministicDataError
 
-__all__ = ["as_dataset", "check_data", "random_ops"]
+__all__ = ["as_dataset", "check_data", "check_kind", "random_ops"]
 
 
 def random_ops(dataset) -> list[str] | None:
@@ -83,14 +83,19 @@ def as_dataset(model, x, y, sample_weight, batch_size) -> tf.data.Dataset:
     return dataset
 
 
-def _arrays_dataset(x, y, sample_weight, batch_size) -> tf.data.Dataset:
+def check_kind(x, caller: str = "cache_prefix") -> None:
+    """Raises TypeError unless `x` is arrays or a `tf.data.Dataset` (what caching can check)."""
     if isinstance(x, (collections.abc.Iterator, keras.utils.PyDataset)) or callable(x):
         raise TypeError(
-            "cache_prefix takes arrays (x, y) or a tf.data.Dataset of batches, so that "
+            f"{caller} takes arrays (x, y) or a tf.data.Dataset of batches, so that "
             f"it can check the data for randomness. Received: x={type(x).__name__}. "
             "Wrap a generator with tf.data.Dataset.from_generator(...) (it is then "
             "opaque to the check: keep it deterministic), or pass the arrays."
         )
+
+
+def _arrays_dataset(x, y, sample_weight, batch_size) -> tf.data.Dataset:
+    check_kind(x)
     elements = tuple(e for e in (x, y, sample_weight) if e is not None)
     if sample_weight is not None and y is None:
         raise ValueError("`sample_weight` needs `y`.")

@@ -43,6 +43,7 @@ import tensorflow as tf
 
 from keras_peft.backends import keras3
 from keras_peft.caching.cache import CachedPrefix, cache_prefix
+from keras_peft.caching.data import as_dataset, check_data, check_kind
 from keras_peft.caching.errors import NothingFrozenError, PrefixError
 from keras_peft.caching.split import copy_policy, policy_for, split_prefix
 from keras_peft.model import get_rules, is_wrapped
@@ -155,7 +156,10 @@ def fit_cached(
     """
     verbose = 1 if verbose == "auto" else int(verbose)
     callbacks = list(callbacks or [])
-    _check_arguments(model, x, epochs, callbacks)
+    _check_arguments(model, epochs, callbacks)
+    check_kind(x, "fit_cached")
+    if isinstance(x, tf.data.Dataset) and not allow_random_data:
+        check_data(as_dataset(model, x, None, None, None))  # before training, not at a cache
     batch_size = batch_size or _batch_size_of(x) or 32
     history = keras.callbacks.History()
     history.cache_steps = []
@@ -167,7 +171,7 @@ def fit_cached(
     try:
         for epoch in range(epochs):
             step = stage.extend(x, y, batch_size, epoch, inference_prefix=inference_prefix,
-                                allow_random_data=allow_random_data, verbose=verbose)
+                                verbose=verbose)
             if step is not None:
                 history.cache_steps.append(step)
             relay.stage = stage
@@ -188,7 +192,7 @@ def fit_cached(
     return history
 
 
-def _check_arguments(model, x, epochs, callbacks) -> None:
+def _check_arguments(model, epochs, callbacks) -> None:
     if not getattr(model, "compiled", False) or getattr(model, "optimizer", None) is None:
         raise ValueError(
             f"fit_cached needs a compiled model: compile model {model.name!r} (optimizer, "
@@ -223,12 +227,10 @@ class _Stage:
         self.root = model
         self.model = model
         self.cached: CachedPrefix | None = None
-        self.splits = []  # every split cached so far, bottom first
         self._prefix_variables = []
         self._optimizer = model.optimizer
 
-    def extend(self, x, y, batch_size, epoch, *, inference_prefix, allow_random_data,
-               verbose) -> CacheStep | None:
+    def extend(self, x, y, batch_size, epoch, *, inference_prefix, verbose) -> CacheStep | None:
         """Caches what has been frozen at the bottom of the stage since the last epoch."""
         self.check_frozen()
         try:
@@ -238,15 +240,16 @@ class _Stage:
         start, cpu_start = time.perf_counter(), time.process_time()
         if self.cached is None:  # the data itself, as the model's fit takes it
             data = dict(x=x, y=y, batch_size=None if isinstance(x, tf.data.Dataset)
-                        else batch_size, allow_random_data=allow_random_data)
+                        else batch_size)
         else:  # the outputs cached so far: only the newly frozen layers run
-            data = dict(x=self.cached.dataset(batch_size), allow_random_data=True)
+            data = dict(x=self.cached.dataset(batch_size))
+        # (the data's randomness was checked when fit_cached began)
         cached = cache_prefix(self.model, split=split, inference_prefix=inference_prefix,
-                              jit_compile=bool(self.root.jit_compile), verbose=0, **data)
+                              jit_compile=bool(self.root.jit_compile), allow_random_data=True,
+                              verbose=0, **data)
         step = CacheStep(epoch, tuple(split.prefix_layers), tuple(split.cut),
                          cached.num_examples, cached.nbytes, time.perf_counter() - start,
                          time.process_time() - cpu_start)
-        self.splits.append(split)
         self._prefix_variables += split.prefix_variables()
         self.cached = cached
         self.model = self._prepare(cached.suffix)
