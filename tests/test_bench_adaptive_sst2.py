@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tests.conftest import bench_module
+from tests.conftest import ROOT, bench_module
 
 
 def _study():
@@ -108,3 +108,28 @@ def test_decision_timelines_and_chart(tmp_path):
     path = study.decision_chart({"autofreeze+cache": autofreeze, "lisa": lisa},
                                 str(tmp_path / "chart.png"), blocks, "title")
     assert os.path.getsize(path) > 1000
+
+
+def test_the_adaptive_page_quotes_the_committed_seed_0_runs():
+    """docs/adaptive.md, "When the cache pays": its numbers are those of the results files."""
+    import statistics
+
+    folder = os.path.join(ROOT, "bench", "results", "adaptive_sst2", "seed-0")
+    runs = {}
+    for config in ("autofreeze", "autofreeze+cache"):
+        with open(os.path.join(folder, config, "results.json")) as f:
+            runs[config] = json.load(f)
+    with open(os.path.join(ROOT, "docs", "adaptive.md")) as f:
+        page = " ".join(f.read().split())
+    cached, plain = runs["autofreeze+cache"], runs["autofreeze"]
+    extension = cached["prefix_cache"][-1]
+    assert extension["epoch"] == 2 and "transformer_layer_2" in extension["prefix_layers"]
+    median = {c: statistics.median(r["step_times_s"][620:740]) for c, r in runs.items()}
+    saved = 250 * (median["autofreeze"] - median["autofreeze+cache"])
+    quoted = (f"epoch 3's steps took {median['autofreeze+cache']:.2f} s (median) against "
+              f"{median['autofreeze']:.2f} s without the cache ({saved:.0f} s less over the "
+              f"epoch), but extending the cache by three transformer layers took "
+              f"{extension['seconds']:.0f} s: the cached run's training time was "
+              f"{cached['epochs'][-1]['train_time_s']:.0f} s against "
+              f"{plain['epochs'][-1]['train_time_s']:.0f} s without the cache.")
+    assert quoted in page
