@@ -105,8 +105,9 @@ class PeftModel:
         """Replaces the policy; it takes effect at the next training step.
 
         Usable during `fit` (from a callback): the train function is traced
-        again and the optimizer gets slots for variables that became
-        trainable, keeping the state of the others.
+        again (unless only the values of live learning-rate scales changed,
+        see `ModelState.make_live`) and the optimizer gets slots for
+        variables that became trainable, keeping the state of the others.
         """
         apply_policy(self, rules)
         sync_optimizer(self)

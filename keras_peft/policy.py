@@ -24,7 +24,8 @@ from keras_peft.rules import (
 )
 from keras_peft.state import state_of
 
-__all__ = ["apply_policy", "freeze_idle_adapters", "sync_optimizer", "fit_rules_to_model"]
+__all__ = ["apply_policy", "freeze_idle_adapters", "sync_optimizer", "rebuild_optimizer",
+           "fit_rules_to_model"]
 
 
 def apply_policy(model, rules) -> None:
@@ -90,9 +91,17 @@ def sync_optimizer(model, order: list | None = None) -> None:
     if order is None:
         variables = list(model.trainable_weights)
         if backend.optimizer_needs_rebuild(optimizer, variables):
-            backend.rebuild_optimizer(model, variables)
+            rebuild_optimizer(model, variables)
     elif backend.optimizer_variables(optimizer) != [id(v) for v in order]:
-        backend.rebuild_optimizer(model, order)
+        rebuild_optimizer(model, order)
+
+
+def rebuild_optimizer(model, variables) -> None:
+    """Gives `model` an optimizer built for `variables` (in order), keeping the state it
+    had; the train step is traced again (a traced step holds the old optimizer)."""
+    state = state_of(model)
+    state.backend.rebuild_optimizer(model, variables)
+    state.bump()
 
 
 def fit_rules_to_model(model, rules) -> dict:

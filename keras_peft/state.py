@@ -41,8 +41,14 @@ class ModelState:
             variables' `trainable` is read-only).
         original_trainable: `{id(variable): trainable}` before the first wrap,
             so that `set_rules` and `unwrap` can put undecided flags back.
-        version: bumped at each change of the policy; the train step
-            retraces when it differs from the traced one.
+        version: bumped at each change of what the train step reads as
+            Python values; the step retraces when it differs from the traced one.
+        revision: bumped at each change of the policy (`set_policy`), even one
+            that needs no retrace (a new value of a live scale).
+        live_lr: `{path: tf.Variable}` of the variables whose `lr_scale` the
+            Keras 3 step reads from a variable instead of a Python float
+            (`make_live`), so that a policy changing only those values takes
+            effect without a retrace; their values follow the plan.
         step_kind: which train step a tf.keras model gets (`keras`, `tfrs`).
         nonfinite: the non-finite-step guard (`wrap(..., skip_nonfinite=True)`).
         lora: one record per `lora` call or LoRA-creating `load_delta`.
@@ -69,6 +75,8 @@ class ModelState:
     frozen: frozenset = frozenset()
     original_trainable: dict | None = None
     version: int = 0
+    revision: int = 0
+    live_lr: dict = dataclasses.field(default_factory=dict)
     step_kind: str = "keras"
     nonfinite: object | None = None
     lora: list = dataclasses.field(default_factory=list)
@@ -84,7 +92,9 @@ class ModelState:
         return self.original_trainable is not None
 
     def set_policy(self, rules, plan, frozen=frozenset(), scales_by_id=None) -> None:
-        """Records a resolved policy and bumps `version` (the step retraces)."""
+        """Records a resolved policy; bumps `version` (the step retraces) unless only
+        the values of live scales changed, which are assigned instead."""
+        before = self._traced()
         self.rules = rules
         self.plan = plan
         self.frozen = frozenset(frozen)
@@ -94,7 +104,57 @@ class ModelState:
             if d.rule is not None and (d.lr_scale != 1.0 or d.grad_scale != 1.0)
         }
         self.scales_by_id = dict(scales_by_id or {})
+        self._assign_live()
+        self.revision += 1
+        if self._traced() != before:
+            self.bump()
+
+    def _traced(self):
+        """The policy as the train step holds it: everything but the values of live
+        scales (a change of what trains retraces even when the set of trainable
+        variables comes out the same: the optimizer may have been rebuilt)."""
+        plan = () if self.plan is None else tuple(
+            (d.path, d.trainable, d.grad_scale, None if d.path in self.live_lr else d.lr_scale)
+            for d in self.plan)
+        return self.frozen, plan, tuple(sorted(self.live_lr))
+
+    def _assign_live(self) -> None:
+        for path, variable in self.live_lr.items():
+            variable.assign(self.scales.get(path, (1.0, 1.0))[0])
+
+    def make_live(self, model, paths) -> None:
+        """Makes the `lr_scale` of the variables at `paths` live (see `live_lr`).
+
+        Keras 3 only (the tf.keras step reads Python floats). The step
+        retraces once, at its next run; later policies that change only
+        these scales do not retrace it. Each live scale costs one scalar
+        read per step.
+        """
+        if self.backend.NAME != "keras3":
+            raise NotImplementedError("Live learning-rate scales need a Keras 3 model.")
+        import tensorflow as tf
+
+        new = [p for p in paths if p not in self.live_lr]
+        if not new:
+            return
+        strategy = getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
+        with tf.init_scope(), strategy.scope():
+            for path in new:
+                self.live_lr[path] = tf.Variable(
+                    1.0, trainable=False, dtype=tf.float32, name="keras_peft_lr_scale",
+                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        self._assign_live()
         self.bump()
+
+    def step_scales(self, variables) -> tuple[list, list]:
+        """`(lr_scales, grad_scales)` of `variables` for the Keras 3 step: Python floats,
+        or a live scale's variable."""
+        lr_scales, grad_scales = [], []
+        for v in variables:
+            lr, grad = self.scales.get(v.path, (1.0, 1.0))
+            lr_scales.append(self.live_lr.get(v.path, lr))
+            grad_scales.append(grad)
+        return lr_scales, grad_scales
 
     def bump(self) -> None:
         """Marks the policy changed, so that the next step is traced again."""
@@ -103,6 +163,8 @@ class ModelState:
     def clear_policy(self) -> None:
         """Forgets the policy (`unwrap`); LoRA records stay with the model's layers."""
         self.rules, self.plan, self.scales, self.scales_by_id = {}, None, {}, {}
+        self.live_lr = {}
+        self.revision += 1
         self.frozen, self.original_trainable, self.nonfinite = frozenset(), None, None
         self.step_kind = "keras"
         self.bump()

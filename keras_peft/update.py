@@ -12,7 +12,7 @@ Keras 3 (TensorFlow backend) and tf.keras models share it.
   learning rate while its slots are not, so this equals the step the same
   optimizer would take with `lr_scale * learning_rate`, including under
   learning-rate schedules, without one optimizer per group. Only variables
-  whose `lr_scale != 1` pay for the extra read.
+  whose `lr_scale != 1` (or live: a variable) pay for the extra read.
 """
 
 from __future__ import annotations
@@ -43,14 +43,15 @@ def apply_scaled_gradients(optimizer, grads, variables, lr_scales, grad_scales) 
         optimizer: a Keras 3 or tf.keras optimizer.
         grads: gradients, aligned with `variables` (None entries allowed).
         variables: the variables to update.
-        lr_scales: Python floats, one per variable: multiplier of the update.
+        lr_scales: one per variable, the multiplier of the update: a Python
+            float, or a scalar variable (a live scale, read at each step).
         grad_scales: Python floats, one per variable: multiplier of the gradient.
     """
     grads = [_scale_gradient(g, s) for g, s in zip(grads, grad_scales)]
     before = [
         (v, tf.identity(v), s)
         for v, g, s in zip(variables, grads, lr_scales)
-        if s != 1.0 and g is not None
+        if g is not None and (not isinstance(s, (int, float)) or s != 1.0)
     ]
     inner = keras3.inner_optimizer(optimizer)
     if not before or not getattr(inner, "use_ema", False):

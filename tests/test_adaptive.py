@@ -391,6 +391,53 @@ def test_the_step_retraces_only_when_a_decision_changes_the_rules():
     assert len(traces) == len(baseline) + 2  # one more trace at each later draw
 
 
+def test_adaptive_rgn_rescales_without_retracing():
+    plain = wrapped()
+    baseline = _counting_traces(plain)
+    fit(plain, [], epochs=3)
+    model = wrapped()
+    traces = _counting_traces(model)
+    rgn = keras_peft.AdaptiveRGN(every_steps=1)
+    fit(model, [rgn], epochs=3)  # 12 steps, 12 re-estimations
+    assert len(rgn.decisions) == 12
+    assert len(traces) == len(baseline)
+
+
+def test_live_scales_take_new_values_without_retracing():
+    """A live `lr_scale` (a variable the step reads) scales the update like a Python one, and
+    a policy that changes only its value is not traced again."""
+    path = "mlp/block_1/kernel"
+    steps = {}
+    for live in (False, True):
+        model = wrapped()
+        if live:
+            state_of(model).make_live(model, [path])
+        traces = _counting_traces(model)
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        x, y = regression_data()
+        moved = []
+        for scale in (0.5, 0.25, 1.0):
+            model.set_rules({path: Rule(lr_scale=scale), ".*": Rule()})
+            before = model.get_layer("block_1").kernel.numpy()
+            model.fit(x, y, batch_size=64, epochs=1, verbose=0, shuffle=False)
+            moved.append(model.get_layer("block_1").kernel.numpy() - before)
+        steps[live] = (moved, len(traces))
+    for a, b in zip(steps[False][0], steps[True][0]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert np.abs(steps[True][0][0]).max() > 0
+    assert steps[False][1] >= 3  # each new Python scale is traced again
+    assert steps[True][1] == 1  # the live one: traced once
+
+
+def test_live_scales_refuse_tf_keras_models():
+    import tf_keras
+
+    model = tf_keras.Sequential([tf_keras.layers.Dense(2, input_shape=(3,))])
+    keras_peft.wrap(model, {".*": Rule()})
+    with pytest.raises(NotImplementedError, match="Keras 3"):
+        state_of(model).make_live(model, [model.weights[0].name])
+
+
 # ---------------------------------------------------------------------- resume
 class Crash(keras.callbacks.Callback):
     def __init__(self, at):

@@ -41,7 +41,7 @@ from keras_peft.adapters.layer import (
     pissa_factors,
 )
 from keras_peft.backends import require_built
-from keras_peft.policy import apply_policy, sync_optimizer
+from keras_peft.policy import apply_policy, rebuild_optimizer, sync_optimizer
 from keras_peft.rules import UnmatchedRuleError, resolve
 from keras_peft.state import peek, state_of
 
@@ -362,7 +362,7 @@ def delete_adapter(model, adapter: str) -> None:
         apply_policy(model, kept)
         optimizer = getattr(model, "optimizer", None)
         if optimizer is not None and backend.optimizer_variables(optimizer) is not None:
-            backend.rebuild_optimizer(model, list(model.trainable_weights))
+            rebuild_optimizer(model, list(model.trainable_weights))
     backend.reset_compiled_functions(model)
 
 

@@ -122,6 +122,9 @@ class AdaptiveCallback(keras.callbacks.Callback):
     def validate(self) -> None:
         """Checks the settings against the model (raises ValueError)."""
 
+    def prepare(self) -> None:
+        """Called at every start of `fit` (a resume included), after `validate`."""
+
     def begin(self) -> None:
         """Sets up the state at the start of a fresh run (state has no `started` yet)."""
 
@@ -158,6 +161,7 @@ class AdaptiveCallback(keras.callbacks.Callback):
         self._capable = state_of(model).backend.trainable_capable(model)
         self.base_rules = self._base_rules(model)
         self.validate()
+        self.prepare()
         if self.needs_monitor:
             self.monitor = monitoring.attach(model, self.key, updates=self.wants_updates)
         self._steps_per_epoch = self.params.get("steps") if self.params else None

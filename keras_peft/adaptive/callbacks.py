@@ -28,7 +28,9 @@ import numpy as np
 
 from keras_peft.adaptive.base import AdaptiveCallback, check_fraction, check_int
 from keras_peft.backends import keras3
+from keras_peft.policy import rebuild_optimizer
 from keras_peft.rules import Rule
+from keras_peft.state import state_of
 
 __all__ = ["TrainingStatistics", "AutoFreeze", "LayerwiseSampling", "UnfreezeOnPlateau",
            "AdaptiveRGN"]
@@ -354,7 +356,7 @@ class LayerwiseSampling(AdaptiveCallback):
         self._rebuild = False
         optimizer = getattr(self.model, "optimizer", None)
         if optimizer is not None and keras3.inner_optimizer(optimizer).built:
-            keras3.rebuild_optimizer(self.model, list(self.model.trainable_weights))
+            rebuild_optimizer(self.model, list(self.model.trainable_weights))
 
 
 # ----------------------------------------------------------- plateau unfreezing
@@ -462,8 +464,10 @@ class AdaptiveRGN(AdaptiveCallback):
     (Lee et al. 2023). `lr_scale_before` starts at the variable's scale
     under the base policy (1, or `auto`'s). The head keeps the base policy.
     The scales are set as `Rule(lr_scale=...)` per variable in front of the
-    base policy (its `grad_scale` kept); each re-estimation is a decision
-    and retraces the train step once.
+    base policy (its `grad_scale` kept); each re-estimation is a decision.
+    The scales are live (read from variables by the train step), so a
+    re-estimation does not retrace it: the step is traced once more, at the
+    start of `fit`, however often the scales change.
 
     Args:
         every_steps: steps per re-estimation; None: at each epoch's end.
@@ -488,6 +492,11 @@ class AdaptiveRGN(AdaptiveCallback):
 
     def begin(self):
         self.state["scales"] = {}
+
+    def prepare(self):
+        head = set(self.blocks.head.paths)
+        state_of(self.model).make_live(self.model, [
+            v.path for v in self.model.weights if id(v) in self._capable and v.path not in head])
 
     def own_rules(self):
         plan = {d.path: d for d in self.model.peft_plan}

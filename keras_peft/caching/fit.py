@@ -276,7 +276,7 @@ class _Stage:
         arguments.update(optimizer=root.optimizer, jit_compile=root.jit_compile)
         suffix.compile(**arguments)
         self._optimizer = root.optimizer
-        self._version = _version(root)
+        self._revision = _revision(root)
         return suffix
 
     def check_frozen(self) -> None:
@@ -296,14 +296,14 @@ class _Stage:
         self.sync_optimizer()
         if self.model is self.root:
             return
-        version = _version(self.root)
-        if version != self._version and is_wrapped(self.model):
+        version = _revision(self.root)
+        if version != self._revision and is_wrapped(self.model):
             rules = policy_for(self.root, self.model)
             if rules != get_rules(self.model):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # shadowed rules: reported for the model
                     self.model.set_rules(rules)  # its step retraces before the next batch
-            self._version = version
+            self._revision = version
 
     def sync_optimizer(self) -> None:
         """One optimizer object for the model and the suffix, whichever rebuilt it last."""
@@ -320,9 +320,9 @@ class _Stage:
         self._optimizer = root.optimizer
 
 
-def _version(model):
+def _revision(model):
     state = peek(model)
-    return None if state is None else state.version
+    return None if state is None else state.revision
 
 
 def _shorten(names) -> str:

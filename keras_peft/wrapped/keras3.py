@@ -67,8 +67,8 @@ class Keras3PeftModel(PeftModel, backend=keras3.NAME):
             gradients = tape.gradient(loss, variables)
 
             # Update weights, scaled per variable by the policy
-            scales = [state.scales.get(v.path, (1.0, 1.0)) for v in variables]
-            update = dict(lr_scales=[s[0] for s in scales], grad_scales=[s[1] for s in scales])
+            lr_scales, grad_scales = state.step_scales(variables)
+            update = dict(lr_scales=lr_scales, grad_scales=grad_scales)
             monitor = state.monitor if state.monitor is not None and state.monitor.enabled \
                 else None  # the adaptive callbacks' gradient statistics
             before = None if monitor is None else monitor.before(variables)
