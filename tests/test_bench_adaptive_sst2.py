@@ -142,3 +142,24 @@ def test_the_adaptive_page_quotes_the_committed_seed_0_runs():
     assert [round(steps[d["step"] + 1]) for d in plain["decisions"]] == [25, 19, 17, 19]
     accuracy = ", ".join(f"{e['val_accuracy']:.3f}" for e in runs["full"]["epochs"])
     assert f"(full fine-tuning, seed 0: {accuracy})" in page
+
+
+def test_the_adaptive_page_states_the_goals_verdict_from_the_committed_summary():
+    """docs/adaptive.md's verdict on the goal: the numbers of summary.json and seed 1's run."""
+    folder = os.path.join(ROOT, "bench", "results", "adaptive_sst2")
+    with open(os.path.join(folder, "summary.json")) as f:
+        summary = json.load(f)
+    rows = {r["config"]: r for r in summary["rows"]}
+    cached = rows["autofreeze+cache"]
+    assert cached["seeds"] == 3 and rows["full"]["seeds"] == 3
+    with open(os.path.join(folder, "seed-1", "autofreeze+cache", "results.json")) as f:
+        seed1 = json.load(f)
+    assert seed1["epochs"][-1]["val_accuracy"] < summary["target"]
+    first = seed1["decisions"][0]["groups"]
+    assert first == ["stem", "transformer_layer_0", "transformer_layer_1"]
+    with open(os.path.join(ROOT, "docs", "adaptive.md")) as f:
+        page = " ".join(f.read().split())
+    assert (f"The goal is not met: AutoFreeze with the cache reached the target in "
+            f"{cached['reached']} of 3 seeds, at the end of epoch {cached['epoch_mean']:g}, and "
+            f"there it needed {cached['wall_vs_full']:.2f}x the wall time of full "
+            "fine-tuning, not 0.5x.") in page
