@@ -93,6 +93,7 @@ from _text_classifier import (  # noqa: E402
 from _text_data import TextData, TextDataError, TextSplit, load_text_data  # noqa: E402
 
 import keras_peft  # noqa: E402
+from keras_peft.state import peek  # noqa: E402
 
 DEMO_DATA = os.path.join(HERE, "data", "sentiment_demo.tsv")
 DEFAULT_DATA = "tfds:glue/sst2"
@@ -265,9 +266,10 @@ class StepTimer(_common.Timer):
     """Wall time of every training step, and the largest resident memory seen at a step end.
 
     A step that traced (and with XLA compiled) the train function is marked:
-    the first one, and the first after each change of the model's rules
-    (`gradual` unfreezes a block: the wrapped model retraces). Mean and median
-    leave those out.
+    the first one, and the first after each change of the rules that the train
+    step holds as constants (`gradual` unfreezes a block: the wrapped model
+    retraces; Auto-RGN's live learning-rate scales change without a retrace).
+    Mean and median leave those out.
     """
 
     def __init__(self, backup: keras_peft.BackupAndRestore | None = None):
@@ -303,7 +305,8 @@ class StepTimer(_common.Timer):
         super().on_train_batch_end(batch, logs)
         if self.steps == counted:  # skipped
             return
-        version = keras_peft.get_rules(self.model) if keras_peft.is_wrapped(self.model) else None
+        state = peek(self.model) if keras_peft.is_wrapped(self.model) else None
+        version = state.version if state is not None else None  # bumped when the step retraces
         self.traced.append(not self.times[:-1] or version != self._version)
         self._version = version
         rss = _rss_mb()

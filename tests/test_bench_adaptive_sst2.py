@@ -163,3 +163,49 @@ def test_the_adaptive_page_states_the_goals_verdict_from_the_committed_summary()
             f"{cached['reached']} of 3 seeds, at the end of epoch {cached['epoch_mean']:g}, and "
             f"there it needed {cached['wall_vs_full']:.2f}x the wall time of full "
             "fine-tuning, not 0.5x.") in page
+
+
+def test_the_adaptive_page_quotes_the_rgn_gradual_and_plateau_rows():
+    """docs/adaptive.md, "What the other rows say": summary.json and the runs' decisions."""
+    folder = os.path.join(ROOT, "bench", "results", "adaptive_sst2")
+    with open(os.path.join(folder, "summary.json")) as f:
+        rows = {r["config"]: r for r in json.load(f)["rows"]}
+    runs = {}
+    for config in ("rgn", "gradual", "plateau"):
+        assert rows[config]["seeds"] == 3 and rows[config]["reached"] == 0
+        runs[config] = []
+        for seed in (0, 1, 2):
+            with open(os.path.join(folder, f"seed-{seed}", config, "results.json")) as f:
+                runs[config].append(json.load(f))
+    with open(os.path.join(ROOT, "docs", "adaptive.md")) as f:
+        page = " ".join(f.read().split())
+    full = rows["full"]["total_wall_s_mean"]
+
+    def row(config):
+        r = rows[config]
+        return (f"{r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f}",
+                f"{r['total_wall_s_mean']:.0f} s", f"{r['total_wall_s_mean'] / full:.2f}x")
+
+    accuracy, seconds, ratio = row("rgn")
+    assert (f"(`rgn`) ended at {accuracy}, and its 3 epochs took {seconds}, {ratio} full "
+            f"fine-tuning's {full:.0f} s") in page
+    rescales = [d for r in runs["rgn"] for d in r["decisions"]]
+    assert len(rescales) == 45 and {d["action"] for d in rescales} == {"rescale"}
+    tops = {max(d["measurement"]["scales"].items(), key=lambda kv: kv[1])[0] for d in rescales}
+    assert tops == {"segment_embedding/embeddings"}
+    floored = [sum(s <= 0.0101 for s in d["measurement"]["scales"].values()) for d in rescales]
+    counts = {len(d["measurement"]["scales"]) for d in rescales}
+    assert (f"{min(floored)} to {max(floored)} of the {counts.pop()} scaled tensors sat at the "
+            "floor of 0.01") in page and not counts
+    accuracy, seconds, ratio = row("gradual")
+    every = {r["unfreeze_every_steps"] for r in runs["gradual"]}
+    assert (f"every {every.pop()} steps) ended at {accuracy}, its 3 epochs in {seconds} "
+            f"({ratio})") in page and not every
+    assert all(r["decisions"] == [] and r["trainable_params_end"] == 770
+               for r in runs["plateau"])
+    losses = ", ".join(f"{e['val_loss']:.3f}" for e in runs["plateau"][0]["epochs"])
+    accuracy, _, _ = row("plateau")
+    assert (f"(seed 0: {losses}), so the 770 parameters of the head were all that trained, "
+            f"and it ended at {accuracy}.") in page
+    unfinished = {c: r["seeds"] for c, r in rows.items() if r["seeds"] != 3}
+    assert unfinished == {"lisa": 2} and "(the `seeds` column): all but LISA's third seed." in page

@@ -223,6 +223,25 @@ def test_step_timer_leaves_out_steps_that_retraced():
     assert summary["steps"] == 5 and summary["traced_steps"] == 2
 
 
+def test_step_timer_does_not_count_a_live_lr_scale_change_as_a_retrace():
+    """Auto-RGN's re-estimations change live scales: the step keeps its trace."""
+    from keras_peft.state import state_of
+    from tests.conftest import tiny_mlp
+
+    model = keras_peft.wrap(tiny_mlp(), {".*": keras_peft.Rule()})
+    path = model.get_layer("block_1").kernel.path
+    state_of(model).make_live(model, [path])
+    timer = recipe.StepTimer()
+    timer.set_model(model)
+    for step in range(4):
+        if step == 2:  # a re-estimated scale: the rules change, the trace does not
+            model.set_rules({path: keras_peft.Rule(lr_scale=0.5), ".*": keras_peft.Rule()})
+        timer.on_train_batch_begin(step)
+        timer.on_train_batch_end(step)
+    assert keras_peft.get_rules(model)[path].lr_scale == 0.5
+    assert timer.traced == [True, False, False, False]
+
+
 # ------------------------------------------------------------ end to end
 def test_compare_runs_writes_results_deltas_table_and_chart(tiny_preset, sentiment_file,
                                                              tmp_path, capsys):
