@@ -207,5 +207,49 @@ def test_the_adaptive_page_quotes_the_rgn_gradual_and_plateau_rows():
     accuracy, _, _ = row("plateau")
     assert (f"(seed 0: {losses}), so the 770 parameters of the head were all that trained, "
             f"and it ended at {accuracy}.") in page
-    unfinished = {c: r["seeds"] for c, r in rows.items() if r["seeds"] != 3}
-    assert unfinished == {"lisa": 2} and "(the `seeds` column): all but LISA's third seed." in page
+    assert {r["seeds"] for r in rows.values()} == {3}
+    assert "the study is 24 of them: 3 seeds of each configuration" in page
+
+
+def test_the_adaptive_page_quotes_the_lisa_row_and_what_its_time_went_to():
+    """docs/adaptive.md, "What LISA's row says": summary.json and the runs' step times."""
+    folder = os.path.join(ROOT, "bench", "results", "adaptive_sst2")
+    with open(os.path.join(folder, "summary.json")) as f:
+        summary = json.load(f)
+    rows = {r["config"]: r for r in summary["rows"]}
+    runs = {}
+    for config in ("lisa", "full"):
+        runs[config] = []
+        for seed in (0, 1, 2):
+            with open(os.path.join(folder, f"seed-{seed}", config, "results.json")) as f:
+                runs[config].append(json.load(f))
+    with open(os.path.join(ROOT, "docs", "adaptive.md")) as f:
+        page = " ".join(f.read().split())
+    lisa, full = rows["lisa"], rows["full"]
+    accuracies = [[e["val_accuracy"] for e in r["epochs"]] for r in runs["lisa"]]
+    reached = [seed for seed, a in enumerate(accuracies) if a[-1] >= summary["target"]]
+    assert all(max(a[:2]) < summary["target"] for a in accuracies)  # epochs 1 and 2: below
+    assert lisa["seeds"] == 3 and lisa["reached"] == len(reached) == 2 and lisa["epoch_mean"] == 3
+    assert (f"{lisa['accuracy_mean']:.3f} ± {lisa['accuracy_std']:.3f}, at the target in 2 of 3 "
+            f"seeds ({reached[0]} and {reached[1]}), both only after the third epoch") in page
+    # the slowest configuration of all
+    assert max(rows.values(), key=lambda r: r["total_wall_s_mean"])["config"] == "lisa"
+    assert (f"its 3 epochs took {lisa['total_wall_s_mean']:.0f} s, "
+            f"{lisa['total_wall_s_mean'] / full['total_wall_s_mean']:.2f}x full fine-tuning's "
+            f"{full['total_wall_s_mean']:.0f} s") in page
+
+    def span(values, fmt):
+        return f"{min(values):{fmt}} to {max(values):{fmt}}"
+
+    assert (f"their median was {span([r['median_step_s'] for r in runs['lisa']], '.2f')} s, "
+            f"full fine-tuning's {span([r['median_step_s'] for r in runs['full']], '.2f')} s"
+            ) in page
+    # the steps that compiled: the first and one after each resampling
+    compiled = [[t for t in r["step_times_s"] if t > 5] for r in runs["lisa"]]
+    assert all(len(c) == len(r["decisions"]) == 15 for c, r in zip(compiled, runs["lisa"]))
+    trained = [r["epochs"][-1]["train_time_s"] for r in runs["lisa"]]
+    shares = [sum(c) / t for c, t in zip(compiled, trained)]
+    assert (f"the 15 steps that compiled (the first, and one after each of the 14 "
+            f"resamplings) took {span([sum(c) for c in compiled], '.0f')} s of each run's "
+            f"{span(trained, '.0f')} s of training, "
+            f"{min(shares) * 100:.0f} to {max(shares) * 100:.0f} %") in page
