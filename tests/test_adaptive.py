@@ -1,6 +1,7 @@
 """The adaptive callbacks: what they measure (against direct computation), what they decide,
 which weights then change, errors at the start of fit, retraces, and exact resume."""
 
+import gc
 import json
 import math
 import types
@@ -273,6 +274,34 @@ def test_lisa_keeps_the_state_of_what_trains_across_a_switch_and_resets_a_block_
     np.testing.assert_array_equal(begins[2]["adam/iteration"], 2)
 
 
+def test_lisa_does_not_keep_the_optimizer_state_of_earlier_draws_alive():
+    """Each draw rebuilds the optimizer and retraces the step. TensorFlow's gradient
+    registry kept every earlier trace, and the slots it captured, alive: 12 draws
+    held 12 more sets of slots (here 2 blocks x 2 x 256 KiB each)."""
+    try:
+        tf.config.experimental.get_memory_info("CPU:0")
+    except (ValueError, RuntimeError):
+        pytest.skip("this TensorFlow does not report CPU memory")
+    model = wrapped(widths=(256, 256, 256, 256))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    x, y = regression_data()
+    lisa = keras_peft.LayerwiseSampling(num_blocks=2, every_steps=1, seed=0)
+
+    def held_after(epochs):
+        model.fit(x, y, epochs=epochs, batch_size=16, verbose=0, callbacks=[lisa])
+        gc.collect()
+        return tf.config.experimental.get_memory_info("CPU:0")["current"]
+
+    first = held_after(1)
+    draws = len(lisa.decisions)
+    later = held_after(3)  # 12 more steps, 12 more draws
+    changes = sum(a["groups"] != b["groups"]
+                  for a, b in zip(lisa.decisions[draws - 1:], lisa.decisions[draws:]))
+    assert changes >= 6
+    block_slots = 2 * 256 * 256 * 4  # Adam's two moments of one block kernel, in bytes
+    assert later - first < block_slots, (first, later)
+
+
 def test_lisa_rejects_more_blocks_than_the_model_has():
     model = wrapped()
     with pytest.raises(ValueError, match=r"num_blocks=5.*has \(4\)"):
@@ -322,6 +351,13 @@ def test_adaptive_rgn_sets_the_measured_scales():
     for path, r in rgns.items():
         assert decision["measurement"]["scales"][path] == pytest.approx(max(0.05, r / top),
                                                                         rel=1e-4)
+    # the decision names the tensor every scale is a ratio to, and what the floor caught
+    top_path = decision["measurement"]["max_rgn_variable"]
+    assert rgns[top_path] == pytest.approx(top, rel=1e-4)  # (a tie between biases is possible)
+    floored = sum(r / top <= 0.05 for r in rgns.values())
+    assert decision["measurement"]["measured_at_floor"] == floored
+    assert (f"of {top_path}; {floored} of {len(rgns)} measured at the floor 0.05"
+            in decision["text"])
     plan = {d.path: d for d in model.peft_plan}
     assert plan["mlp/head/kernel"].lr_scale == 1.0
     assert plan["mlp/block_2/kernel"].lr_scale == pytest.approx(

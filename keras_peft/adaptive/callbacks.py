@@ -521,10 +521,14 @@ class AdaptiveRGN(AdaptiveCallback):
             g = window.grad_norm([i])
             w = float(np.linalg.norm(np.asarray(v.numpy(), np.float64)))
             rgns[v.path] = g / max(w, 1e-12)
-        top = max(rgns.values(), default=0.0)
+        top_path = max(rgns, key=rgns.get, default=None)
+        top = rgns[top_path] if top_path is not None else 0.0
         if top <= 0:
             return
         scales = dict(self.state["scales"])
+        # every scale is a ratio to the largest rgn: name that tensor, and count
+        # the tensors it puts at the floor
+        at_floor = sum(r / top <= self.min_lr_scale for r in rgns.values())
         for path, r in rgns.items():
             measured = max(self.min_lr_scale, r / top)
             before = scales.get(path)
@@ -534,12 +538,14 @@ class AdaptiveRGN(AdaptiveCallback):
             scales[path] = self.smoothing * before + (1 - self.smoothing) * measured
         self.state["scales"] = scales
         values = sorted(scales.values())
-        summary = {"max_rgn": top, "min_scale": values[0], "median_scale":
-                   values[len(values) // 2], "variables": len(values)}
+        summary = {"max_rgn": top, "max_rgn_variable": top_path, "measured_at_floor": at_floor,
+                   "min_scale": values[0], "median_scale": values[len(values) // 2],
+                   "variables": len(values)}
         self.record(step, "rescale", [], {**summary, "scales": scales},
                     f"re-estimated {len(values)} learning-rate scales (min "
-                    f"{_fmt(values[0])}, median {_fmt(summary['median_scale'])}, max rgn "
-                    f"{_fmt(top)})")
+                    f"{_fmt(values[0])}, median {_fmt(summary['median_scale'])}); largest "
+                    f"relative gradient norm {_fmt(top)}, of {top_path}; {at_floor} of "
+                    f"{len(rgns)} measured at the floor {_fmt(self.min_lr_scale)}")
 
     def after_step(self, step, logs):
         if self.every_steps and (step + 1) % self.every_steps == 0:

@@ -424,6 +424,56 @@ def set_lora_enabled(layer, enabled: bool) -> None:
         layer.lora_enabled = enabled
 
 
+class TraceRegistrations:
+    """The `tf.custom_gradient` functions that the traces of one train function registered.
+
+    Traced in graph mode, `tf.custom_gradient` registers its gradient function
+    in TensorFlow's process-wide gradient registry (as `CustomGradient-<id>`)
+    and never removes it. That function holds the traced graph, and the graph
+    holds the variables it captured: a train step traced again for a rebuilt
+    optimizer (LISA, AutoFreeze, a freeze between fits) keeps every earlier
+    optimizer's slot variables alive, for the life of the process. A plain
+    Keras model whose optimizer is replaced and whose step is retraced leaks
+    the same way. `call` notes what a call of the traced function registered;
+    `release` removes it once that function is replaced, so the old graph and
+    the variables it captured can be freed. Only `CustomGradient-` entries are
+    released (an op's gradient registered by a module imported during a trace
+    stays). Without the private registry (another TensorFlow), nothing is noted.
+    """
+
+    PREFIX = "CustomGradient-"
+
+    def __init__(self):
+        self.keys: list[str] = []
+        try:
+            from tensorflow.python.framework import ops as tf_ops
+
+            registry = tf_ops.gradient_registry._registry
+        except (ImportError, AttributeError):
+            registry = None
+        self._registry = registry if isinstance(registry, dict) else None
+
+    def call(self, function, *args):
+        registry = self._registry
+        if registry is None:
+            return function(*args)
+        before = len(registry)
+        try:
+            return function(*args)
+        finally:
+            if len(registry) > before:  # a trace: entries are only added, in order
+                self.keys += [k for k in list(registry)[before:]
+                              if isinstance(k, str) and k.startswith(self.PREFIX)]
+
+    def release(self) -> int:
+        """Removes what was noted; returns how many entries that was."""
+        released = 0
+        for key in self.keys:
+            released += self._registry.pop(key, None) is not None
+        self.keys = []
+        return released
+
+
 def reset_compiled_functions(model) -> None:
     """Forgets traced train/test/predict functions.
 

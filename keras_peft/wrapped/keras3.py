@@ -113,10 +113,15 @@ class Keras3PeftModel(PeftModel, backend=keras3.NAME):
         # compile() after wrap) is replaced.
         if not force and getattr(self.train_function, "_peft_guarded", False):
             return self.train_function
+        previous = getattr(self, "_peft_trace_registrations", None)
+        if previous is not None:  # the old trace is discarded (also after a compile()):
+            previous.release()  # free the graph and the variables it captured
         signature = self._peft_signature()
         sync_optimizer(self)
         super().make_train_function(force=True)
         traced = self.train_function
+        registrations = keras3.TraceRegistrations()
+        object.__setattr__(self, "_peft_trace_registrations", registrations)
 
         def train_function(iterator):
             # Trainability or rules changed since tracing (a callback, or
@@ -125,7 +130,7 @@ class Keras3PeftModel(PeftModel, backend=keras3.NAME):
             if self._peft_signature() != signature:
                 self.make_train_function(force=True)
                 return self.train_function(iterator)
-            logs = traced(iterator)
+            logs = registrations.call(traced, iterator)
             guard = state_of(self).nonfinite
             if guard is not None:
                 guard.check(self)  # stop_training after too many bad steps in a row
