@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import gc
 import warnings
 
 import keras
@@ -114,8 +115,10 @@ class Keras3PeftModel(PeftModel, backend=keras3.NAME):
         if not force and getattr(self.train_function, "_peft_guarded", False):
             return self.train_function
         previous = getattr(self, "_peft_trace_registrations", None)
-        if previous is not None:  # the old trace is discarded (also after a compile()):
-            previous.release()  # free the graph and the variables it captured
+        if previous is not None and previous.release():  # the old trace is discarded (also
+            # after a compile()): free its graph and the variables it captured now, not
+            # at Python's next cyclic collection (a Keras optimizer is a reference cycle)
+            gc.collect()
         signature = self._peft_signature()
         sync_optimizer(self)
         super().make_train_function(force=True)
