@@ -125,3 +125,69 @@ def test_user_embeddings_strategy_moves_only_the_users_of_the_adaptation_data():
     expected = np.unique(model.query_model.user_lookup(adapted_users).numpy())
     assert rows.tolist() == expected.tolist()
     assert 0 < len(rows) < table.shape[0]  # some users moved, the others did not
+
+
+# ------------------------------------------------------- segmentation experiment
+def test_segmentation_page_quotes_its_experiment_results():
+    """docs/recipes/segmentation.md, "What this shows" and "The adaptive candidates": the
+    numbers quoted are those of bench/results/segmentation_surgical_vgg16.json."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    import json
+
+    with open(os.path.join(root, "bench", "results", "segmentation_surgical_vgg16.json")) as f:
+        rows = {(r["corruption"], r["strategy"]): r for r in json.load(f)["rows"]
+                if r["status"] == "run"}
+    with open(os.path.join(root, "docs", "recipes", "segmentation.md")) as f:
+        page = " ".join(f.read().split())
+
+    def iou(corruption, strategy):
+        m = rows[(corruption, strategy)]["mean_iou"]
+        return f"{m['mean']:.3f} ± {m['std']:.3f}"
+
+    def vs_full(corruption, strategy):
+        v = rows[(corruption, strategy)]["vs_full"]
+        return f"{v['mean']:+.3f} ± {v['std']:.3f}".replace("-", "\N{MINUS SIGN}"), v["better"]
+
+    def memory(strategy):
+        return [round(rows[(c, strategy)]["peak_tensor_mib"]["mean"])
+                for c in ("gaussian_noise:0.2", "blur:1")]
+
+    blur, noise = "blur:1", "gaussian_noise:0.2"
+    # the first block under blur: the best of all, better than full with each seed
+    best = max((r["mean_iou"]["mean"], s) for (c, s), r in rows.items() if c == blur)
+    assert best[1] == "surgical" and vs_full(blur, "surgical")[1] == 3
+    assert f"best mean IoU, {iou(blur, 'surgical')} (none: " in page
+    assert f"full fine-tuning ({iou(blur, 'full')}) with each of the three seeds" in page
+    # ... and the worst under noise
+    worst = min((r["mean_iou"]["mean"], s) for (c, s), r in rows.items() if c == noise)
+    assert worst[1] == "surgical"
+    assert f"*worst* strategy, {iou(noise, 'surgical')}, below not adapting" in page
+    # the adaptive candidates: none beat full under blur in any seed, nor the first block
+    for strategy in ("autofreeze", "lisa", "plateau", "rgn"):
+        assert vs_full(blur, strategy)[1] == 0
+        assert rows[(blur, strategy)]["mean_iou"]["mean"] < rows[(blur, "surgical")][
+            "mean_iou"]["mean"]
+    delta, _ = vs_full(blur, "autofreeze")
+    assert f"Under blur it ended at {iou(blur, 'autofreeze')}, below full fine-tuning ({delta})" \
+        in page
+    assert f"Under noise, {iou(noise, 'autofreeze')}." in page
+    delta, _ = vs_full(blur, "lisa")
+    assert (f"{iou(blur, 'lisa')} under blur ({delta} against full), {iou(noise, 'lisa')} "
+            "under noise") in page
+    # LISA's peak: the highest of all
+    lisa, full = memory("lisa"), memory("full")
+    assert all(max(memory(s)) < min(lisa) for (c, s) in rows if s != "lisa")
+    assert (f"highest of all, {min(lisa)} to {max(lisa)} MiB against full fine-tuning's "
+            f"{min(full)} to {max(full)}") in page
+    # plateau: 5 of 6 runs matched the decoder (it trained the decoder alone)
+    matched = [c for c in (noise, blur) if rows[(c, "plateau")]["mean_iou"]["values"] ==
+               rows[(c, "decoder")]["mean_iou"]["values"]]
+    assert matched == [blur]  # under noise, one seed unfroze a block
+    same = sum(a == b for a, b in zip(rows[(noise, "plateau")]["mean_iou"]["values"],
+                                      rows[(noise, "decoder")]["mean_iou"]["values"]))
+    assert same == 2
+    # rgn: second under noise, after auto
+    order = sorted(((r["mean_iou"]["mean"], s) for (c, s), r in rows.items() if c == noise),
+                   reverse=True)
+    assert [s for _, s in order[:2]] == ["auto", "rgn"]
+    assert f"second under noise, after `auto`: {iou(noise, 'rgn')}" in page
