@@ -302,6 +302,27 @@ def test_lisa_does_not_keep_the_optimizer_state_of_earlier_draws_alive():
     assert later - first < block_slots, (first, later)
 
 
+def test_a_wrapped_model_discarded_after_fit_leaves_no_memory_behind():
+    """The same registry kept each discarded model's last trace, and its weights and
+    slots, alive: a process that trains one model after another (the segmentation
+    recipe's experiment) grew by a model each time."""
+    try:
+        tf.config.experimental.get_memory_info("CPU:0")
+    except (ValueError, RuntimeError):
+        pytest.skip("this TensorFlow does not report CPU memory")
+    x, y = regression_data()
+    held = []
+    for seed in range(4):
+        model = wrapped(seed=seed, widths=(256, 256, 256, 256))
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+        model.fit(x, y, epochs=1, batch_size=64, verbose=0)
+        del model
+        gc.collect()
+        held.append(tf.config.experimental.get_memory_info("CPU:0")["current"])
+    one_model = 3 * 3 * 256 * 256 * 4  # 3 block kernels, with Adam's two moments, in bytes
+    assert held[-1] - held[1] < one_model, held
+
+
 def test_lisa_rejects_more_blocks_than_the_model_has():
     model = wrapped()
     with pytest.raises(ValueError, match=r"num_blocks=5.*has \(4\)"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import warnings
+import weakref
 
 import keras
 import tensorflow as tf
@@ -125,6 +126,8 @@ class Keras3PeftModel(PeftModel, backend=keras3.NAME):
         traced = self.train_function
         registrations = keras3.TraceRegistrations()
         object.__setattr__(self, "_peft_trace_registrations", registrations)
+        # ... and when the model itself is collected (a model discarded after fit)
+        weakref.finalize(self, registrations.release).atexit = False
 
         def train_function(iterator):
             # Trainability or rules changed since tracing (a callback, or
