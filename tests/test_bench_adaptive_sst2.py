@@ -165,20 +165,28 @@ def test_the_adaptive_page_states_the_goals_verdict_from_the_committed_summary()
             "fine-tuning, not 0.5x.") in page
 
 
-def test_the_adaptive_page_quotes_the_rgn_gradual_and_plateau_rows():
-    """docs/adaptive.md, "What the other rows say": summary.json and the runs' decisions."""
+def _results(*configs):
+    """The study's summary.json, its rows by configuration, each config's 3 runs, and
+    docs/adaptive.md with its whitespace collapsed."""
     folder = os.path.join(ROOT, "bench", "results", "adaptive_sst2")
     with open(os.path.join(folder, "summary.json")) as f:
-        rows = {r["config"]: r for r in json.load(f)["rows"]}
+        summary = json.load(f)
     runs = {}
-    for config in ("rgn", "gradual", "plateau"):
-        assert rows[config]["seeds"] == 3 and rows[config]["reached"] == 0
+    for config in configs:
         runs[config] = []
         for seed in (0, 1, 2):
             with open(os.path.join(folder, f"seed-{seed}", config, "results.json")) as f:
                 runs[config].append(json.load(f))
     with open(os.path.join(ROOT, "docs", "adaptive.md")) as f:
         page = " ".join(f.read().split())
+    return summary, {r["config"]: r for r in summary["rows"]}, runs, page
+
+
+def test_the_adaptive_page_quotes_the_rgn_gradual_and_plateau_rows():
+    """docs/adaptive.md, "What the other rows say": summary.json and the runs' decisions."""
+    _, rows, runs, page = _results("rgn", "gradual", "plateau")
+    for config in runs:
+        assert rows[config]["seeds"] == 3 and rows[config]["reached"] == 0
     full = rows["full"]["total_wall_s_mean"]
 
     def row(config):
@@ -213,18 +221,7 @@ def test_the_adaptive_page_quotes_the_rgn_gradual_and_plateau_rows():
 
 def test_the_adaptive_page_quotes_the_lisa_row_and_what_its_time_went_to():
     """docs/adaptive.md, "What LISA's row says": summary.json and the runs' step times."""
-    folder = os.path.join(ROOT, "bench", "results", "adaptive_sst2")
-    with open(os.path.join(folder, "summary.json")) as f:
-        summary = json.load(f)
-    rows = {r["config"]: r for r in summary["rows"]}
-    runs = {}
-    for config in ("lisa", "full"):
-        runs[config] = []
-        for seed in (0, 1, 2):
-            with open(os.path.join(folder, f"seed-{seed}", config, "results.json")) as f:
-                runs[config].append(json.load(f))
-    with open(os.path.join(ROOT, "docs", "adaptive.md")) as f:
-        page = " ".join(f.read().split())
+    summary, rows, runs, page = _results("lisa", "full")
     lisa, full = rows["lisa"], rows["full"]
     accuracies = [[e["val_accuracy"] for e in r["epochs"]] for r in runs["lisa"]]
     reached = [seed for seed, a in enumerate(accuracies) if a[-1] >= summary["target"]]
